@@ -1,0 +1,28 @@
+"""NextStep-1 / 1.1 inference in plain PyTorch: load the official checkpoints, generate and edit images.
+
+    import nextstep_core as ns
+    model = ns.load_model("models/nextstep/NextStep-1-Large", dtype="bfloat16", device="cuda")
+    vae = ns.load_vae(ns.find_vae_for_model(model.source_path) or "models/nextstep/NextStep-1-f8ch16-Tokenizer")
+    out = ns.generate(model, vae, ["a red fox in the snow"], width=512, height=512, seed=42)
+    out.pil()[0].save("fox.png")
+
+This package never imports ComfyUI; the node pack next to it is a thin face over these functions.
+"""
+from .config import FAMILIES, FAMILY_V1, FAMILY_V1_1, ModelConfig, VAEConfig
+from .errors import CheckpointError, GenerationCancelled, NextStepError
+from .generate import (EDIT_DEFAULTS, NOISE_MODES, Conditioning, SampleResult, decode_latents, encode_edit_images,
+                       encode_latents, estimate_memory_bytes, family_defaults, sample, tokens_to_latents)
+from .loading import find_vae_for_model, load_model, load_vae
+from .model import NextStep
+from .pipeline import GenerationResult, generate
+from .sampling import CFG_SCHEDULES, SAMPLERS
+from .vae import AutoEncoder
+
+__all__ = [
+    "AutoEncoder", "CFG_SCHEDULES", "CheckpointError", "Conditioning", "EDIT_DEFAULTS", "FAMILIES", "FAMILY_V1",
+    "FAMILY_V1_1", "GenerationCancelled", "GenerationResult", "ModelConfig", "NOISE_MODES", "NextStep",
+    "NextStepError", "SAMPLERS", "SampleResult", "VAEConfig", "decode_latents", "encode_edit_images",
+    "encode_latents", "estimate_memory_bytes", "family_defaults", "find_vae_for_model", "generate", "load_model",
+    "load_vae", "sample", "tokens_to_latents",
+]
+__version__ = "0.1.0"

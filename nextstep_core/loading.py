@@ -1,0 +1,367 @@
+"""Finding, validating and streaming checkpoints into the modules.
+
+Accepted model inputs:
+- a folder in the official Hugging Face layout: `config.json`, `model.safetensors` or shards with
+  `model.safetensors.index.json`, `tokenizer.json` (+ `tokenizer_config.json`), optionally `vae/`;
+- one `.safetensors` file whose metadata carries the config and tokenizer (written by `convert`).
+Accepted VAE inputs: a folder with `config.json` + `checkpoint.pt` (or `*.safetensors`), or one `.safetensors`
+file with the config in its metadata.
+
+Modules are built on the meta device; then each tensor is read on its own, checked against the expected shape,
+cast and placed, so peak RAM is the target model plus one source tensor. Nothing from a model folder is executed:
+`.pt` files go through `torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import ModelConfig, VAEConfig, model_config_from_dict, read_json, vae_config_from_dict
+from .errors import CheckpointError, NextStepError
+
+log = logging.getLogger("nextstep")
+
+META_CONFIG, META_TOKENIZER, META_TOKENIZER_CONFIG = "nextstep_config", "nextstep_tokenizer", "nextstep_tokenizer_config"
+META_VAE_CONFIG, META_FORMAT = "nextstep_vae_config", "nextstep_format"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+# keys in the published files that generation never needs
+_SKIPPABLE = ("lm_head.weight", "gen_pos_embed")
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise NextStepError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16.") from None
+
+
+def check_dtype_supported(dtype: torch.dtype, device: torch.device) -> None:
+    """Fail early, with advice, where a device cannot compute in this dtype."""
+    try:
+        a = torch.ones(4, 4, dtype=dtype, device=device)
+        (a @ a).sum().item()
+    except (RuntimeError, TypeError) as e:
+        raise NextStepError(f"{device} cannot compute in {dtype} ({str(e).splitlines()[0]}). "
+                            "Pick another weight dtype (float32 always works; bfloat16 needs a recent GPU or "
+                            "Apple M2 or newer with a recent PyTorch).") from None
+
+
+@dataclass
+class Source:
+    """What a checkpoint path holds, before anything heavy is read."""
+    path: str
+    kind: str  # "folder" or "file"
+    key_files: dict  # key -> file
+    shapes: dict  # key -> tuple
+    dtypes: dict  # key -> str
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def files(self) -> list[str]:
+        return sorted(set(self.key_files.values()))
+
+
+def _read_header(path: str):
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is missing. Download every shard listed in model.safetensors.index.json.")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            shapes, dtypes = {}, {}
+            for k in f.keys():
+                sl = f.get_slice(k)
+                shapes[k], dtypes[k] = tuple(sl.get_shape()), sl.get_dtype()
+    except Exception as e:  # safetensors raises its own error types for truncated / corrupt files
+        raise CheckpointError(f"{path} cannot be read as safetensors ({e}). The file is truncated or corrupt: "
+                              "download it again.") from None
+    return meta, shapes, dtypes
+
+
+def scan_safetensors(files: list[str], path: str, kind: str) -> Source:
+    key_files, shapes, dtypes, metadata = {}, {}, {}, {}
+    for fpath in files:
+        meta, s, d = _read_header(fpath)
+        metadata = metadata or meta
+        for k in s:
+            key_files[k] = fpath
+        shapes.update(s)
+        dtypes.update(d)
+    return Source(path, kind, key_files, shapes, dtypes, metadata)
+
+
+def model_source(path: str) -> tuple[Source, dict]:
+    """(Source, raw config dict) for a model folder or single file."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(path):
+        raw = read_json(os.path.join(path, "config.json"))
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index} has no weight_map; download it again.")
+            files = sorted({os.path.join(path, f) for f in weight_map.values()})
+            src = scan_safetensors(files, path, "folder")
+            missing = sorted(k for k, f in weight_map.items() if k not in src.key_files)
+            if missing:
+                raise CheckpointError(f"{weight_map[missing[0]]} lacks {len(missing)} tensor(s) the index lists "
+                                      f"(e.g. {missing[0]}): the shard is from another download; fetch it again.")
+        else:
+            files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+            if not files:
+                raise CheckpointError(f"{path} has config.json but no model*.safetensors weights. Download the "
+                                      "model's safetensors shards into this folder.")
+            src = scan_safetensors(files, path, "folder")
+        return src, raw
+    if os.path.isfile(path) and path.endswith((".safetensors", ".sft")):
+        src = scan_safetensors([path], path, "file")
+        if META_CONFIG not in src.metadata:
+            if any(k.startswith(("encoder.", "decoder.")) for k in src.shapes):
+                raise CheckpointError(f"{path} is a VAE (image tokenizer), not the NextStep model. Load it with the "
+                                      "VAE loader.")
+            raise CheckpointError(f"{path} carries no NextStep config in its metadata. Single-file models must be "
+                                  "written by `python -m nextstep_core convert`; or load the original model folder.")
+        return src, json.loads(src.metadata[META_CONFIG])
+    if os.path.isfile(path):
+        raise CheckpointError(f"{path}: expected a model folder (with config.json) or a .safetensors file.")
+    raise CheckpointError(f"{path} does not exist.")
+
+
+def find_vae_for_model(model_path: str) -> str | None:
+    """The `vae/` folder shipped inside a model folder, if there is one with a config."""
+    cand = os.path.join(os.path.abspath(model_path), "vae")
+    return cand if os.path.isfile(os.path.join(cand, "config.json")) else None
+
+
+def set_tensor(module: nn.Module, key: str, value: torch.Tensor) -> None:
+    *path, name = key.split(".")
+    for p in path:
+        module = getattr(module, p)
+    if name in module._parameters:
+        module._parameters[name] = nn.Parameter(value, requires_grad=False)
+    elif name in module._buffers:
+        module._buffers[name] = value
+    else:
+        raise KeyError(key)
+
+
+def stream_into(module: nn.Module, src: Source, keys: list[str], dtype: torch.dtype, device,
+                keep_dtype=lambda key, t: False, transform=None) -> None:
+    """Read each key from its file, cast (unless `keep_dtype`), place, and assign it into `module`."""
+    from safetensors import safe_open
+
+    by_file: dict[str, list[str]] = {}
+    for k in keys:
+        by_file.setdefault(src.key_files[k], []).append(k)
+    for fpath, ks in by_file.items():
+        try:
+            with safe_open(fpath, framework="pt") as f:
+                for k in ks:
+                    t = f.get_tensor(k)
+                    if transform is not None:
+                        t = transform(k, t)
+                    if t.is_floating_point() and not keep_dtype(k, t):
+                        t = t.to(dtype)
+                    set_tensor(module, k, t.to(device))
+                    del t
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{fpath}: reading failed ({e}); the file is truncated or corrupt, download it "
+                                  "again.") from None
+
+
+def check_keys(expected: dict, src: Source, what: str, optional=()) -> list[str]:
+    """Error on missing keys or wrong shapes; return the unexpected keys (reported, not loaded)."""
+    missing = [k for k in expected if k not in src.shapes and k not in optional]
+    if missing:
+        raise CheckpointError(
+            f"{src.path}: {len(missing)} {what} tensor(s) missing, e.g. {missing[:3]}. The checkpoint is incomplete "
+            "or is not a NextStep checkpoint of this configuration.")
+    for k, shape in expected.items():
+        if k in src.shapes and tuple(src.shapes[k]) != tuple(shape):
+            raise CheckpointError(
+                f"{src.key_files[k]}: {k} has shape {list(src.shapes[k])} but the config implies {list(shape)}. "
+                "config.json and the weights come from different models.")
+    return sorted(k for k in src.shapes if k not in expected)
+
+
+def expected_shapes(module: nn.Module) -> dict:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def load_vae(path: str, dtype="float32", device=None, operations=None):
+    """Load the f8ch16 tokenizer (see module docstring for accepted layouts)."""
+    from .vae import AutoEncoder
+
+    dtype, device = parse_dtype(dtype), torch.device(device or "cpu")
+    check_dtype_supported(dtype, device)
+    path = os.path.abspath(os.path.expanduser(path))
+    cfg, state, src = _vae_files(path)
+    with torch.device("meta"):
+        vae = AutoEncoder(cfg, operations)
+    expected = expected_shapes(vae)
+    if state is not None:  # checkpoint.pt: already in memory
+        src = Source(path, "folder", {k: path for k in state}, {k: tuple(v.shape) for k, v in state.items()}, {})
+    if "decoder.conv_in.weight" in src.shapes and src.shapes["decoder.conv_in.weight"][1] != cfg.z_channels:
+        raise CheckpointError(f"{path}: the decoder takes {src.shapes['decoder.conv_in.weight'][1]} latent channels "
+                              f"but config.json says z_channels = {cfg.z_channels}; NextStep needs the 16-channel "
+                              "f8ch16 tokenizer with its own config.json.")
+    unexpected = check_keys(expected, src, "VAE")
+    if unexpected:
+        log.warning("%s: %d unexpected VAE tensor(s) not loaded: %s", path, len(unexpected), unexpected[:5])
+    if state is not None:
+        for k in expected:
+            t = state[k]
+            set_tensor(vae, k, (t.to(dtype) if t.is_floating_point() else t).to(device))
+    else:
+        stream_into(vae, src, list(expected), dtype, device)
+    vae.unexpected_keys = unexpected
+    vae.source_path = path
+    return vae.eval().requires_grad_(False)
+
+
+def _vae_files(path: str):
+    """(config, in-memory state or None, Source or None) for a VAE path."""
+    if os.path.isdir(path):
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise CheckpointError(f"{path}: no config.json. A NextStep VAE folder holds config.json + checkpoint.pt.")
+        raw = read_json(cfg_path)
+        cfg = vae_config_from_dict(raw, cfg_path)
+        pt = os.path.join(path, "checkpoint.pt")
+        sts = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+        if sts:
+            return cfg, None, scan_safetensors(sts, path, "folder")
+        if os.path.isfile(pt):
+            return cfg, _torch_load(pt), None
+        raise CheckpointError(f"{path}: no checkpoint.pt or .safetensors weights next to config.json.")
+    if os.path.isfile(path) and path.endswith(".pt"):
+        return _vae_files(os.path.dirname(path))
+    if os.path.isfile(path) and path.endswith((".safetensors", ".sft")):
+        src = scan_safetensors([path], path, "file")
+        if META_CONFIG in src.metadata and META_VAE_CONFIG not in src.metadata:
+            raise CheckpointError(f"{path} is the NextStep AR model, not its VAE. Load it with the model loader.")
+        if META_VAE_CONFIG in src.metadata:
+            return vae_config_from_dict(json.loads(src.metadata[META_VAE_CONFIG]), path), None, src
+        beside = os.path.join(os.path.dirname(path), "config.json")
+        if os.path.isfile(beside):
+            return vae_config_from_dict(read_json(beside), beside), None, src
+        raise CheckpointError(f"{path} has no VAE config (neither in its metadata nor a config.json beside it). "
+                              "Use the f8ch16 tokenizer folder, or a file written by `python -m nextstep_core convert`.")
+    raise CheckpointError(f"{path} does not exist or is not a VAE folder/file.")
+
+
+def _torch_load(path: str) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} cannot be read ({str(e).splitlines()[0]}); it is truncated, corrupt or not a "
+                              "weights-only checkpoint. Download it again.") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} is not a flat state dict of tensors.")
+    return state
+
+
+def read_model_config(path: str) -> tuple[ModelConfig, Source]:
+    src, raw = model_source(path)
+    cfg = model_config_from_dict(raw, os.path.join(src.path, "config.json") if src.kind == "folder" else src.path)
+    # The weights decide which projections carry a bias: a config that omits o_attention_bias must not guess.
+    if "layers.0.self_attn.o_proj.bias" in src.shapes:
+        cfg.o_attention_bias = True
+    elif "layers.0.self_attn.o_proj.weight" in src.shapes:
+        cfg.o_attention_bias = False
+    return cfg, src
+
+
+def load_tokenizer(src: Source):
+    from .prompt import Tokenizer
+
+    if src.kind == "folder":
+        return Tokenizer.from_folder(src.path)
+    if META_TOKENIZER not in src.metadata:
+        raise CheckpointError(f"{src.path} carries no tokenizer in its metadata; re-create it with "
+                              "`python -m nextstep_core convert`.")
+    return Tokenizer(src.metadata[META_TOKENIZER], json.loads(src.metadata.get(META_TOKENIZER_CONFIG, "{}")))
+
+
+def load_model(path: str, dtype="bfloat16", device=None, operations=None, attn_backend: str = "sdpa",
+               load_lm_head: bool = False):
+    """Load a NextStep AR model (decoder, projectors, flow-matching head) and its tokenizer.
+
+    `operations` supplies the layer classes (Linear, Embedding, LayerNorm; default torch.nn). The LM head is
+    skipped unless `load_lm_head`, since image generation never reads it. Weights stored in fp8/int8 by
+    `convert` stay in that format and are dequantised on the fly.
+    """
+    from .model import NextStep
+    from .quant import QUANT_SUFFIXES, quantized_operations
+
+    cfg, src = read_model_config(path)
+    dtype, device = parse_dtype(dtype), torch.device(device or "cpu")
+    check_dtype_supported(dtype, device)
+    if attn_backend not in ("sdpa", "flash"):
+        raise NextStepError(f"unknown attention backend {attn_backend!r}; use 'sdpa' or 'flash'.")
+    if attn_backend == "flash":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            raise NextStepError("attention backend 'flash' needs the flash-attn package, which is not installed; "
+                                "use 'sdpa' (the default, same results).") from None
+    tok = load_tokenizer(src)
+    tok.check_against(cfg, src.path)
+    quant = src.metadata.get("nextstep_quant")
+    ops = quantized_operations(quant, operations) if quant else operations
+    with torch.device("meta"):
+        model = NextStep(cfg, ops, attn_backend, with_lm_head=load_lm_head)
+    expected = expected_shapes(model)
+    optional = {"gen_pos_embed"} | ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
+    unexpected = check_keys(expected, src, "model", optional)
+    unexpected = [k for k in unexpected if not k.startswith(_SKIPPABLE) and not k.endswith("rotary_emb.inv_freq")
+                  and not k.endswith(QUANT_SUFFIXES)]
+    if unexpected:
+        log.warning("%s: %d unexpected tensor(s) not loaded: %s", src.path, len(unexpected), unexpected[:5])
+    keys = [k for k in expected if k in src.shapes]
+    keys += [k for k in src.shapes if k.endswith(QUANT_SUFFIXES) and k.rsplit(".", 1)[0] + ".weight" in expected]
+    stream_into(model, src, keys, dtype, device, keep_dtype=lambda k, t: k.endswith(QUANT_SUFFIXES)
+                or (quant is not None and t.element_size() == 1))
+    if cfg.use_gen_pos_embed and "gen_pos_embed" not in src.shapes:
+        from .model import sincos_2d_table
+
+        set_tensor(model, "gen_pos_embed", sincos_2d_table(cfg.hidden_size, cfg.base_image_grid_size)[None]
+                   .to(device, dtype))
+    if load_lm_head and "lm_head.weight" not in src.shapes:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.tokenizer = tok
+    model.latent_affine = _latent_affine(src)
+    model.source_path = src.path
+    model.unexpected_keys = unexpected
+    model.quant = quant
+    return model.eval().requires_grad_(False)
+
+
+def _latent_affine(src: Source) -> tuple[float, float]:
+    """(scale, shift) between the AR model's latents and raw VAE latents, from the VAE config shipped with the model.
+
+    Without one (a bare folder), identity, which is what the published f8ch16 tokenizer's config specifies.
+    """
+    raw = None
+    if src.kind == "folder":
+        vae_dir = find_vae_for_model(src.path)
+        raw = read_json(os.path.join(vae_dir, "config.json")) if vae_dir else None
+    elif META_VAE_CONFIG in src.metadata:
+        raw = json.loads(src.metadata[META_VAE_CONFIG])
+    if not raw:
+        return 1.0, 0.0
+    cfg = vae_config_from_dict(raw, src.path)
+    return float(cfg.scaling_factor), float(cfg.shift_factor)

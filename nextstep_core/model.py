@@ -1,0 +1,238 @@
+"""The NextStep AR model: a Qwen2.5-style decoder, the image projectors and the flow-matching head.
+
+Parameter names are the published checkpoint keys (no `model.` prefix): `embed_tokens`, `layers.{i}.self_attn.*`,
+`layers.{i}.mlp.*`, `norm`, `lm_head`, `image_in_projector`, `image_out_projector`, `image_head.net.*` and the
+optional `gen_pos_embed` buffer. Layer classes come from `operations` (default `torch.nn`) so that a host such as
+ComfyUI can hand in its own memory-managed Linear/Embedding.
+
+Positions follow the reference exactly: the position of a token is its slot index in the cache, left padding
+included; padding only ever shows up in the attention mask.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import FAMILY_V1_1, ModelConfig
+from .head import FlowMatchingHead
+
+# SDPA reads grouped K/V natively from torch 2.5 on; older torch gets an explicit repeat.
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def default_operations():
+    return SimpleNamespace(Linear=nn.Linear, Embedding=nn.Embedding, LayerNorm=nn.LayerNorm)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) in float32, cast back to the input dtype, then times the weight (as the reference)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight.to(dtype) * xf.to(dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin for the given absolute positions [S], computed in float32 then cast (as the reference)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
+                                / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, plus which slots hold real (non-pad) tokens.
+
+    `length` is the number of filled slots; attention in a decode step reads only `[:length]`.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device):
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.real = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    @staticmethod
+    def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops, backend: str = "sdpa"):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.backend = backend
+        h = cfg.hidden_size
+        self.q_proj = ops.Linear(h, self.n_heads * self.head_dim, bias=cfg.attention_bias)
+        self.k_proj = ops.Linear(h, self.n_kv * self.head_dim, bias=cfg.attention_bias)
+        self.v_proj = ops.Linear(h, self.n_kv * self.head_dim, bias=cfg.attention_bias)
+        self.o_proj = ops.Linear(self.n_heads * self.head_dim, h, bias=cfg.o_attention_bias)
+
+    def forward(self, x, cos, sin, cache: KVCache, layer: int, start: int, mask):
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        end = start + s
+        cache.k[layer][:, :, start:end] = k
+        cache.v[layer][:, :, start:end] = v
+        k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
+        out = attention(q, k, v, mask, self.backend)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+def attention(q, k, v, mask, backend: str):
+    """q [B,Hq,S,D], k/v [B,Hkv,L,D], mask [B,1,S,L] bool (True = attend) or None for "attend to all"."""
+    if backend == "flash" and mask is None and q.is_cuda:
+        from flash_attn import flash_attn_func  # optional; loader checked it imports
+
+        return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    if k.shape[1] != q.shape[1]:
+        if _SDPA_HAS_GQA:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        rep = q.shape[1] // k.shape[1]  # torch < 2.5: no native GQA in SDPA
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops):
+        super().__init__()
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = ops.Linear(h, i, bias=cfg.mlp_bias)
+        self.up_proj = ops.Linear(h, i, bias=cfg.mlp_bias)
+        self.down_proj = ops.Linear(i, h, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops, backend: str):
+        super().__init__()
+        self.self_attn = Attention(cfg, ops, backend)
+        self.mlp = MLP(cfg, ops)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache, layer, start, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def sincos_2d_table(dim: int, grid: int) -> torch.Tensor:
+    """MAE-style 2D sin-cos table [grid*grid, dim]: first half encodes the column, second half the row."""
+    def one_axis(d, pos):
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2.0))
+        out = pos.reshape(-1).double()[:, None] * omega[None]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    return torch.cat([one_axis(dim // 2, cols), one_axis(dim // 2, rows)], dim=1).float()
+
+
+class NextStep(nn.Module):
+    def __init__(self, cfg: ModelConfig, operations=None, attn_backend: str = "sdpa", with_lm_head: bool = False):
+        super().__init__()
+        ops = operations or default_operations()
+        self.config = cfg
+        self.attn_backend = attn_backend
+        self.embed_tokens = ops.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, ops, attn_backend) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = ops.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if with_lm_head else None
+        self.image_in_projector = ops.Linear(cfg.token_dim, cfg.hidden_size)
+        self.image_out_projector = ops.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.image_head = FlowMatchingHead(cfg.token_dim, cfg.hidden_size, cfg.fm_head_dim, cfg.fm_head_layers,
+                                           cfg.fm_head_mlp_ratio, ops)
+        if cfg.use_gen_pos_embed:
+            g = cfg.base_image_grid_size
+            self.register_buffer("gen_pos_embed", sincos_2d_table(cfg.hidden_size, g)[None], persistent=True)
+        else:
+            self.gen_pos_embed = None
+        self.tokenizer = None  # set by the loader
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype. Norm weights are never quantised, so they carry it."""
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
+    def new_cache(self, batch: int, max_len: int, dtype=None, device=None) -> KVCache:
+        return KVCache(self.config, batch, max_len, dtype or self.dtype, device or self.device)
+
+    def forward_embeds(self, x: torch.Tensor, cache: KVCache, real: torch.Tensor | None = None) -> torch.Tensor:
+        """Run `x` [B,S,H] at the next S cache slots; returns the final-normed hidden states [B,S,H].
+
+        `real` [B,S] marks non-pad tokens (default: all real). Prefill (S > 1) is causal; pad queries attend only
+        to themselves, which keeps them finite and invisible to every real token.
+        """
+        b, s, _ = x.shape
+        start, end = cache.length, cache.length + s
+        if end > cache.max_len:
+            raise RuntimeError(f"KV cache overflow: {end} > {cache.max_len} slots")
+        cache.real[:, start:end] = True if real is None else real
+        pos = torch.arange(start, end, device=x.device)
+        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
+        mask = self._mask(cache, start, end, s)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i, start, mask)
+        cache.length = end
+        return self.norm(x)
+
+    def _mask(self, cache: KVCache, start: int, end: int, s: int):
+        keys_real = cache.real[:, :end]
+        if s == 1 and bool(keys_real.all()):
+            return None  # a decode step with no padding attends to every filled slot
+        key_idx = torch.arange(end, device=keys_real.device)
+        query_idx = torch.arange(start, end, device=keys_real.device)
+        causal = key_idx[None, :] <= query_idx[:, None]
+        own = key_idx[None, :] == query_idx[:, None]
+        return ((causal[None] & keys_real[:, None, :]) | own[None])[:, None]
+
+    def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(ids)
+
+    def pos_embed_for(self, k: int, h: int, w: int) -> torch.Tensor | None:
+        """The gen_pos_embed row added to the condition that predicts token k (k = 0 at the prefix)."""
+        if self.gen_pos_embed is None or k >= h * w:
+            return None
+        g = self.config.base_image_grid_size
+        if self.config.family == FAMILY_V1_1:  # aspect-ratio slice of the G x G table, latent-grid dims
+            idx = (k // w) * g + (k % w)
+        else:  # GitHub NextStep-1: flat index into the 32-wide table
+            idx = k
+        return self.gen_pos_embed[0, idx]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is None:
+            raise RuntimeError("This model was loaded without its LM head; load it with load_lm_head=True.")
+        return self.lm_head(hidden)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+

@@ -1,0 +1,31 @@
+"""One call from prompts (and input images) to pictures: encode edits, sample tokens, decode."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .generate import Conditioning, decode_latents, encode_edit_images, sample
+
+
+@dataclass
+class GenerationResult:
+    tokens: torch.Tensor  # [B, T, 64] image tokens as fed back to the model
+    latents: torch.Tensor  # [B, 16, H/8, W/8] raw VAE space
+    images: torch.Tensor  # [B, 3, H, W] float32 in 0..1
+
+    def pil(self) -> list:
+        from PIL import Image
+
+        arr = (self.images.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+        return [Image.fromarray(a) for a in arr]
+
+
+def generate(model, vae, prompts, images=None, positive_prompt: str = "", negative_prompt: str = "",
+             **sample_args) -> GenerationResult:
+    """Text-to-image (or editing, with one input image per prompt); `sample_args` as for `sample`."""
+    cond = Conditioning(prompts, positive_prompt, negative_prompt)
+    if images is not None:
+        cond = encode_edit_images(vae, cond, images)
+    res = sample(model, cond, latent_affine=(vae.config.scaling_factor, vae.config.shift_factor), **sample_args)
+    return GenerationResult(res.tokens, res.latents, decode_latents(vae, res.latents))

@@ -1,0 +1,169 @@
+"""Text side: the Qwen2 tokenizer of the model folder, the prompt layout, and patchify/unpatchify.
+
+Per row (reference notes §2.3, §5, §14.2):
+    [left pads] [BOS if the family prepends one] caption [" " + positive] <|image_area|> h * w <|begin_of_image|>
+where h, w is the token grid (H/16, W/16). The prefix is tokenised on its own with special tokens, minus its
+first id when the tokenizer has a BOS token, plus <|begin_of_image|> — literally what the reference does. An edit
+caption carries `<image>`, replaced by `<|image_area|>h*w<|begin_of_image|><|image_placeholder|>×(h·w)
+<|end_of_image|>` for the input image's own grid; the placeholders later receive the image's tokens.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .config import FAMILY_V1_1, ModelConfig
+from .errors import CheckpointError, NextStepError
+
+IMAGE_MARKER = "<image>"
+IMAGE_AREA = "<|image_area|>"
+BOI, EOI, PLACEHOLDER = "<|begin_of_image|>", "<|end_of_image|>", "<|image_placeholder|>"
+
+
+def _token_str(v):
+    if isinstance(v, dict):
+        return v.get("content")
+    return v
+
+
+class Tokenizer:
+    """A thin wrapper over `tokenizers.Tokenizer` (the fast tokenizer file that transformers also reads)."""
+
+    def __init__(self, tokenizer_json: str, tokenizer_config: dict | None = None):
+        from tokenizers import Tokenizer as _Tok
+
+        self._tok = _Tok.from_str(tokenizer_json)
+        self._tok.no_padding()
+        self._tok.no_truncation()
+        cfg = tokenizer_config or {}
+        self.bos_token = _token_str(cfg.get("bos_token"))
+        self.pad_token = _token_str(cfg.get("pad_token"))
+        self.json = tokenizer_json
+        self.config_dict = cfg
+
+    @classmethod
+    def from_folder(cls, folder: str) -> "Tokenizer":
+        path = os.path.join(folder, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise CheckpointError(
+                f"{folder}: tokenizer.json is missing. Copy the tokenizer files (tokenizer.json, tokenizer_config.json) "
+                "from the model's Hugging Face repo into this folder.")
+        cfg_path = os.path.join(folder, "tokenizer_config.json")
+        cfg = {}
+        if os.path.isfile(cfg_path):
+            with open(cfg_path, encoding="utf-8") as f:
+                cfg = json.load(f)
+        with open(path, encoding="utf-8") as f:
+            return cls(f.read(), cfg)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=True).ids
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+    def check_against(self, cfg: ModelConfig, source: str) -> None:
+        """The special tokens must sit at the ids the model config names."""
+        wrong = []
+        for tok, want in ((BOI, cfg.boi), (EOI, cfg.eoi), (PLACEHOLDER, cfg.image_placeholder_id)):
+            got = self.token_to_id(tok)
+            if got != want:
+                wrong.append(f"{tok} is id {got}, config says {want}")
+        if self.token_to_id(IMAGE_AREA) is None:
+            wrong.append(f"{IMAGE_AREA} is not in the vocabulary")
+        if wrong:
+            raise CheckpointError(f"{source}: the tokenizer does not match this model ({'; '.join(wrong)}). "
+                                  "Use the tokenizer files shipped with the same NextStep model.")
+
+
+def grid_size(width: int, height: int, cfg: ModelConfig) -> tuple[int, int]:
+    """Token grid (h, w) for a pixel size."""
+    f = cfg.down_factor
+    return height // f, width // f
+
+
+def image_string(h: int, w: int) -> str:
+    return f"{IMAGE_AREA}{h}*{w}{BOI}{PLACEHOLDER * (h * w)}{EOI}"
+
+
+def prefix_ids(tok: Tokenizer, cfg: ModelConfig, h: int, w: int) -> list[int]:
+    ids = tok.encode(f"{IMAGE_AREA}{h}*{w}")
+    if tok.bos_token is not None:
+        ids = ids[1:]
+    return ids + [cfg.boi]
+
+
+@dataclass
+class PromptBatch:
+    input_ids: torch.Tensor  # [R, S] left padded
+    real: torch.Tensor  # [R, S] bool, False on padding
+    rows_with_image: list[int]  # rows whose placeholders take an input image, in order
+
+
+def build_rows(prompts: list[str], positive: str, negative: str, n_per_prompt: int, branches: int,
+               edit_sizes: list[tuple[int, int]] | None, family: str) -> tuple[list[str], list[int]]:
+    """Caption strings for every guidance row, and which rows carry an input image.
+
+    Rows: [cond × B] + ([image + negative × B] if 3 branches) + ([negative × B] if ≥ 2 branches), B = prompts ×
+    n_per_prompt, caption-major. `edit_sizes` holds each prompt's input token grid (h, w).
+    """
+    cond, images = [], []
+    for p_i, p in enumerate(prompts):
+        for _ in range(n_per_prompt):
+            text = p
+            if edit_sizes is not None:
+                text = text.replace(IMAGE_MARKER, image_string(*edit_sizes[p_i]))
+            cond.append(f"{text} {positive}" if positive else text)
+            images.append(edit_sizes is not None)
+    rows = list(cond)
+    if branches == 3:
+        # the reference gives every image+negative row the first image's size; our rows use their own image
+        for p_i in range(len(prompts)):
+            for _ in range(n_per_prompt):
+                rows.append(image_string(*edit_sizes[p_i]) + negative)
+                images.append(True)
+    if branches >= 2:
+        rows += [negative] * len(cond)
+        images += [False] * len(cond)
+    return rows, [i for i, has in enumerate(images) if has]
+
+
+def tokenize_rows(tok: Tokenizer, cfg: ModelConfig, rows: list[str], h: int, w: int, family: str,
+                  image_rows: list[int]) -> PromptBatch:
+    prefix = prefix_ids(tok, cfg, h, w)
+    bos = tok.bos_token if (family == FAMILY_V1_1 and tok.bos_token is not None) else ""
+    seqs = [tok.encode(bos + r) + prefix for r in rows]
+    longest = max(len(s) for s in seqs)
+    pad = tok.token_to_id(tok.pad_token) if tok.pad_token else None
+    pad = cfg.pad_token_id_added if pad is None else pad
+    ids = torch.full((len(seqs), longest), pad, dtype=torch.long)
+    real = torch.zeros((len(seqs), longest), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, longest - len(s):] = torch.tensor(s, dtype=torch.long)
+        real[i, longest - len(s):] = True
+    return PromptBatch(ids, real, image_rows)
+
+
+def patchify(z: torch.Tensor, p: int) -> torch.Tensor:
+    """[B,C,H,W] -> [B, (H/p)(W/p), C·p·p]; raster order over the grid, channel-major inside a token."""
+    b, c, h, w = z.shape
+    if h % p or w % p:
+        raise NextStepError(f"latent size {h}x{w} is not a multiple of the patch size {p}")
+    z = z.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return z.reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def unpatchify(tokens: torch.Tensor, h: int, w: int, p: int) -> torch.Tensor:
+    """Inverse of `patchify` for a token grid of h rows and w columns (non-square grids included)."""
+    b, n, d = tokens.shape
+    if n != h * w:
+        raise NextStepError(f"{n} tokens do not fill a {h}x{w} grid")
+    c = d // (p * p)
+    z = tokens.reshape(b, h, w, c, p, p).permute(0, 3, 1, 4, 2, 5)
+    return z.reshape(b, c, h * p, w * p)

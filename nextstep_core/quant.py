@@ -1,0 +1,72 @@
+"""Weight-only quantisation: fp8 (e4m3fn) or int8 weights with one float32 scale per output channel.
+
+Weights stay quantised in memory and are expanded to the compute dtype one layer at a time inside `forward`, so a
+model takes about half the memory of its bf16 form. Which layers are quantised is decided when a file is written
+(`should_quantize`): the decoder's projections and the head's residual blocks — the bulk of the bytes — while the
+embeddings, the image projectors and the head's input, condition, time and output layers stay in high precision,
+where a small error would reach every token.
+"""
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANT_FORMATS = ("fp8", "int8")
+QUANT_SUFFIXES = (".weight_scale",)
+_FP8_MAX = 448.0
+_QUANTIZED_KEYS = re.compile(
+    r"^(layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
+    r"|image_head\.net\.res_blocks\.\d+\.(mlp\.[02]|adaLN_modulation\.1))\.weight$")
+
+
+def should_quantize(key: str) -> bool:
+    return bool(_QUANTIZED_KEYS.match(key))
+
+
+def quantize_weight(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] float weight -> (quantised weight, float32 scale [out])."""
+    w = w.float()
+    amax = w.abs().amax(dim=1).clamp(min=1e-12)
+    if fmt == "fp8":
+        scale = amax / _FP8_MAX
+        return (w / scale[:, None]).to(torch.float8_e4m3fn), scale
+    if fmt == "int8":
+        scale = amax / 127.0
+        return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+    raise ValueError(f"unknown quantisation {fmt!r}; use one of {QUANT_FORMATS}")
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.to(torch.float32) * scale[:, None]).to(dtype) if dtype == torch.float32 else \
+        q.to(dtype) * scale[:, None].to(dtype)
+
+
+def make_quant_linear(base: type) -> type:
+    """A Linear (subclass of the host's Linear class) that also accepts a quantised weight + `weight_scale`."""
+
+    class QuantLinear(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.register_buffer("weight_scale", None)
+
+        def forward(self, x):
+            if self.weight_scale is None:
+                return super().forward(x)
+            w = dequantize_weight(self.weight.to(x.device), self.weight_scale.to(x.device), x.dtype)
+            b = None if self.bias is None else self.bias.to(x.device, x.dtype)
+            return F.linear(x, w, b)
+
+    QuantLinear.__name__ = f"Quant{base.__name__}"
+    return QuantLinear
+
+
+def quantized_operations(fmt: str, operations=None):
+    if fmt not in QUANT_FORMATS:
+        raise ValueError(f"this file is quantised as {fmt!r}, which this version cannot read; update the pack.")
+    base = operations or SimpleNamespace(Linear=nn.Linear, Embedding=nn.Embedding, LayerNorm=nn.LayerNorm)
+    return SimpleNamespace(Linear=make_quant_linear(base.Linear), Embedding=base.Embedding,
+                           LayerNorm=getattr(base, "LayerNorm", nn.LayerNorm))

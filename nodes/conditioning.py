@@ -1,0 +1,67 @@
+"""NextStep Text Encode and NextStep Edit Encode."""
+from __future__ import annotations
+
+from .. import nextstep_core as ns
+from . import comfy_glue as glue
+from .common import CATEGORY, CONDITIONING, SIZE_STEP, VAE, NextStepNodeError, image_to_engine, user_errors
+
+
+class NextStepTextEncode:
+    DESCRIPTION = ("The prompt for the NextStep sampler. NextStep reads text with its own language model, so no "
+                   "CLIP is involved; tokenizing happens in the sampler with the model's tokenizer.")
+    CATEGORY = CATEGORY
+    FUNCTION = "encode"
+    RETURN_TYPES = (CONDITIONING,)
+    RETURN_NAMES = ("conditioning",)
+    OUTPUT_TOOLTIPS = ("Prompt, positive and negative prompt for the NextStep Sampler (or the Edit Encode node).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
+                                  "tooltip": "What to draw. For the edit model, the instruction (e.g. 'Add a hat')."}),
+            "positive_prompt": ("STRING", {"multiline": True, "default": "",
+                                           "tooltip": "Appended to the prompt (quality words); empty for none."}),
+            "negative_prompt": ("STRING", {"multiline": True, "default": "",
+                                           "tooltip": "What to steer away from (the unconditional branch of CFG). "
+                                                      "For editing, 'Copy original image.' is the reference value."}),
+        }}
+
+    def encode(self, prompt, positive_prompt, negative_prompt):
+        with user_errors("NextStep Text Encode"):
+            return (ns.Conditioning(prompts=[prompt], positive_prompt=positive_prompt,
+                                    negative_prompt=negative_prompt),)
+
+
+class NextStepEditEncode:
+    DESCRIPTION = ("Adds the image to edit to a NextStep conditioning, for the NextStep-1-Large-Edit model. The "
+                   "image is encoded with the NextStep VAE; its size should match the sampler's width and height.")
+    CATEGORY = CATEGORY
+    FUNCTION = "encode"
+    RETURN_TYPES = (CONDITIONING,)
+    RETURN_NAMES = ("conditioning",)
+    OUTPUT_TOOLTIPS = ("The conditioning with the input image attached; feed it to the NextStep Sampler.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "conditioning": (CONDITIONING, {"tooltip": "The edit instruction from NextStep Text Encode."}),
+            "vae": (VAE, {"tooltip": "The NextStep VAE (f8ch16 tokenizer) that encodes the input image."}),
+            "image": ("IMAGE", {"tooltip": f"The image to edit; width and height must be multiples of {SIZE_STEP}. "
+                                           "One image, or one per prompt."}),
+        }}
+
+    def encode(self, conditioning, vae, image):
+        with user_errors("NextStep Edit Encode"):
+            pixels = image_to_engine(image)
+            h, w = pixels.shape[-2:]
+            if h % SIZE_STEP or w % SIZE_STEP:
+                raise NextStepNodeError(f"NextStep Edit Encode: the image is {w}x{h}; width and height must be "
+                                        f"multiples of {SIZE_STEP}. Resize or crop it first (e.g. Upscale Image).")
+            glue.load_to_device(vae)
+            return (ns.encode_edit_images(vae.module, conditioning, pixels),)
+
+
+NODE_CLASS_MAPPINGS = {"NextStepTextEncode": NextStepTextEncode, "NextStepEditEncode": NextStepEditEncode}
+NODE_DISPLAY_NAME_MAPPINGS = {"NextStepTextEncode": "NextStep Text Encode",
+                              "NextStepEditEncode": "NextStep Edit Encode"}

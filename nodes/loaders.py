@@ -1,0 +1,85 @@
+"""NextStep Model Loader and NextStep VAE Loader."""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from .. import nextstep_core as ns
+from . import comfy_glue as glue
+from . import files
+from .common import CATEGORY, MODEL, VAE, user_errors
+
+WEIGHT_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+ATTENTION = {"sdpa": "sdpa", "flash-attn": "flash"}  # combo value -> engine backend name
+_DOWNLOAD_TIP = ("When the selected checkpoint is one of the published ones and is not on disk yet, download it "
+                 "from Hugging Face into models/nextstep/<name> (tens of GB for a model). Off: say where to put it.")
+
+
+class NextStepModelLoader:
+    DESCRIPTION = ("Loads a NextStep-1 / 1.1 model: a folder with config.json under models/nextstep (the official "
+                   "Hugging Face layout), or a single .safetensors file in models/diffusion_models.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = (MODEL,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The NextStep model, managed by ComfyUI's memory manager (\"Unload models\" frees it).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model_name": (files.model_choices(), {"tooltip": "Model folder under models/nextstep (with config.json),"
+                                                              " or a single .safetensors in models/diffusion_models."}),
+            "weight_dtype": (list(WEIGHT_DTYPES), {"default": "auto", "tooltip": "Weight precision. auto: bf16 where "
+                             "the device supports it, else fp32. fp16 may overflow on this model family."}),
+            "attention": (list(ATTENTION), {"default": "sdpa", "tooltip": "Attention kernel. sdpa is PyTorch's built-in; "
+                                      "flash-attn needs the flash_attn package and a CUDA GPU."}),
+            "download": ("BOOLEAN", {"default": False, "tooltip": _DOWNLOAD_TIP}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, attention=None):
+        if attention == "flash-attn" and importlib.util.find_spec("flash_attn") is None:
+            return "attention 'flash-attn' needs the flash_attn package (pip install flash-attn); use 'sdpa' instead."
+        if attention is not None and attention not in ATTENTION:
+            return f"attention must be one of {list(ATTENTION)}, got {attention!r}"
+        return True
+
+    def load(self, model_name, weight_dtype, attention, download):
+        with user_errors("NextStep Model Loader"):
+            path = files.resolve(model_name, "model", download)
+            dtype = WEIGHT_DTYPES[weight_dtype] or glue.default_weight_dtype(glue.mm.get_torch_device())
+            model = ns.load_model(path, dtype=dtype, device=glue.mm.unet_offload_device(),
+                                  operations=glue.operations_for(dtype, dtype), attn_backend=ATTENTION[attention])
+            return (glue.Managed(model, glue.make_patcher(model), path),)
+
+
+class NextStepVAELoader:
+    DESCRIPTION = ("Loads NextStep's f8ch16 image tokenizer (the VAE): a model's vae/ folder, the "
+                   "NextStep-1-f8ch16-Tokenizer folder, or a file in models/vae.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = (VAE,)
+    RETURN_NAMES = ("vae",)
+    OUTPUT_TOOLTIPS = ("The NextStep VAE, for decoding the sampler's LATENT and encoding images to edit.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae_name": (files.vae_choices(), {"tooltip": "A VAE folder (config.json + checkpoint.pt) under "
+                                                          "models/nextstep, or a file in models/vae."}),
+            "download": ("BOOLEAN", {"default": False, "tooltip": _DOWNLOAD_TIP}),
+        }}
+
+    def load(self, vae_name, download):
+        with user_errors("NextStep VAE Loader"):
+            path = files.resolve(vae_name, "vae", download)
+            # fp32: the VAE is small (~330 MB) and its decoder is sensitive to reduced precision.
+            vae = ns.load_vae(path, dtype=torch.float32, device=glue.mm.unet_offload_device(),
+                              operations=glue.operations_for(torch.float32, torch.float32))
+            return (glue.Managed(vae, glue.make_patcher(vae), path),)
+
+
+NODE_CLASS_MAPPINGS = {"NextStepModelLoader": NextStepModelLoader, "NextStepVAELoader": NextStepVAELoader}
+NODE_DISPLAY_NAME_MAPPINGS = {"NextStepModelLoader": "NextStep Model Loader",
+                              "NextStepVAELoader": "NextStep VAE Loader"}

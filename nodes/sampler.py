@@ -1,0 +1,80 @@
+"""NextStep Sampler: the autoregressive loop, one image token at a time, each drawn by the flow-matching head."""
+from __future__ import annotations
+
+from .. import nextstep_core as ns
+from . import comfy_glue as glue
+from .common import CATEGORY, CONDITIONING, MAX_SIZE, MODEL, SIZE_STEP, check_size, user_errors
+
+
+class NextStepSampler:
+    DESCRIPTION = ("Generates images token by token (16x16 pixels each, in rows) with a NextStep model and returns "
+                   "their latents in the VAE's own space; decode them with NextStep VAE Decode.")
+    CATEGORY = CATEGORY
+    FUNCTION = "sample"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("Latents [batch, 16, height/8, width/8] in the raw space of NextStep's f8ch16 VAE.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (MODEL, {"tooltip": "The NextStep model from NextStep Model Loader."}),
+            "conditioning": (CONDITIONING, {"tooltip": "From NextStep Text Encode, or NextStep Edit Encode to edit."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                             "tooltip": "Seed of the head's noise; the same seed and settings give the same image."}),
+            "width": ("INT", {"default": 512, "min": SIZE_STEP, "max": MAX_SIZE, "step": SIZE_STEP,
+                              "tooltip": f"Image width in pixels, a multiple of {SIZE_STEP}."}),
+            "height": ("INT", {"default": 512, "min": SIZE_STEP, "max": MAX_SIZE, "step": SIZE_STEP,
+                               "tooltip": f"Image height in pixels, a multiple of {SIZE_STEP}."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
+                                   "tooltip": "Images per prompt, generated together (memory grows with it)."}),
+            "cfg": ("FLOAT", {"default": 7.5, "min": 1.0, "max": 30.0, "step": 0.1, "round": 0.01,
+                              "tooltip": "Text guidance scale; 1 turns classifier-free guidance off."}),
+            "cfg_img": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 30.0, "step": 0.1, "round": 0.01,
+                                  "tooltip": "Image guidance when editing (2.0 for NextStep-1-Large-Edit); 1 = off."}),
+            "cfg_schedule": (list(ns.CFG_SCHEDULES), {"default": "constant",
+                             "tooltip": "How guidance changes over the tokens: constant, or ramping up (linear)."}),
+            "timesteps_shift": ("FLOAT", {"default": 1.0, "min": 0.1, "max": 10.0, "step": 0.1, "round": 0.01,
+                                "tooltip": "Shifts the head's time grid toward noise; 1.0 for text-to-image, "
+                                           "3.2 for editing."}),
+            "steps": ("INT", {"default": 28, "min": 1, "max": 200,
+                              "tooltip": "Flow-matching head steps per token (the main speed knob; 20-50)."}),
+            "sampler": (["auto", *ns.SAMPLERS], {"default": "auto",
+                        "tooltip": "The flow-matching head's sampler. auto: the model family's reference sampler "
+                                   "(euler_maruyama for NextStep-1, flow_sde for 1.1); euler is deterministic."}),
+            "use_norm": ("BOOLEAN", {"default": True,
+                                     "tooltip": "Layer-normalize each sampled token, as the reference does."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width=None, height=None):
+        # Listing an input here makes ComfyUI skip its own range check for it, so this checks the range too.
+        for name, value in (("width", width), ("height", height)):
+            problem = check_size(name, value)
+            if problem:
+                return problem
+        return True
+
+    def sample(self, model, conditioning, seed, width, height, batch_size, cfg, cfg_img, cfg_schedule,
+               timesteps_shift, steps, sampler, use_norm):
+        with user_errors("NextStep Sampler"):
+            for name, value in (("width", width), ("height", height)):  # linked sizes skip VALIDATE_INPUTS
+                problem = check_size(name, value)
+                if problem:
+                    raise ns.NextStepError(problem)
+            if sampler == "auto":
+                sampler = ns.family_defaults(model.config.family)["sampler"]
+            rows = ns.cfg_rows(conditioning, batch_size, cfg, cfg_img)
+            glue.load_to_device(model, ns.estimate_memory_bytes(model.module, width, height, rows, weights=False))
+            n_tokens = (width // SIZE_STEP) * (height // SIZE_STEP)
+            progress = glue.TokenProgress(
+                n_tokens, lambda tokens: ns.tokens_to_latents(model.config, tokens, width, height))
+            result = ns.sample(model.module, conditioning, width=width, height=height, images_per_prompt=batch_size,
+                               cfg=cfg, cfg_img=cfg_img, cfg_schedule=cfg_schedule, timesteps_shift=timesteps_shift,
+                               steps=steps, sampler=sampler, use_norm=use_norm, seed=seed,
+                               progress=progress, should_cancel=glue.should_cancel)
+            return ({"samples": result.latents.float().to(glue.intermediate_device())},)
+
+
+NODE_CLASS_MAPPINGS = {"NextStepSampler": NextStepSampler}
+NODE_DISPLAY_NAME_MAPPINGS = {"NextStepSampler": "NextStep Sampler"}
