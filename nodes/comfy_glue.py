@@ -7,6 +7,7 @@ ComfyUI to current releases (newer names are looked up with getattr and fall bac
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -32,21 +33,35 @@ class Managed:
         return self.module.config
 
 
+class NextStepManaged(torch.nn.Module):
+    """What the patcher manages: ModelPatcher writes bookkeeping attributes onto its module (`device`,
+    `model_loaded_weight_memory`, ...), and the engine's modules expose `device` as a read-only property."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.engine = module
+
+
 def make_patcher(module: torch.nn.Module):
     """Registers the module with ComfyUI's memory manager, so "Unload models" frees it and other models get room.
 
     CoreModelPatcher (dynamic VRAM) where the ComfyUI has it, the classic ModelPatcher everywhere else.
     """
     patcher_cls = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
-    return patcher_cls(module, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    return patcher_cls(NextStepManaged(module), load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 
-def operations_for(weight_dtype: torch.dtype, compute_dtype: torch.dtype):
+_LAYERS = ("Linear", "Embedding", "LayerNorm", "Conv2d", "GroupNorm")
+
+
+def operations_for(weight_dtype: torch.dtype, compute_dtype: torch.dtype) -> SimpleNamespace:
     """ComfyUI's layer classes: they skip random init and let the patcher stream weights in low-VRAM mode.
 
     manual_cast casts stored weights to the compute dtype at forward time; it is only needed when they differ.
+    Older ComfyUIs lack some classes (no Embedding before mid-2024); torch.nn stands in for those.
     """
-    return comfy.ops.disable_weight_init if weight_dtype == compute_dtype else comfy.ops.manual_cast
+    ops = comfy.ops.disable_weight_init if weight_dtype == compute_dtype else comfy.ops.manual_cast
+    return SimpleNamespace(**{name: getattr(ops, name, getattr(torch.nn, name)) for name in _LAYERS})
 
 
 def default_weight_dtype(device: torch.device) -> torch.dtype:

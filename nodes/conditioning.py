@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .. import nextstep_core as ns
 from . import comfy_glue as glue
-from .common import CATEGORY, CONDITIONING, SIZE_STEP, VAE, NextStepNodeError, image_to_engine, user_errors
+from .common import CATEGORY, CONDITIONING, SIZE_STEP, VAE, image_to_engine, user_errors
 
 
 class NextStepTextEncode:
@@ -53,13 +53,8 @@ class NextStepEditEncode:
 
     def encode(self, conditioning, vae, image):
         with user_errors("NextStep Edit Encode"):
-            pixels = image_to_engine(image)
-            h, w = pixels.shape[-2:]
-            if h % SIZE_STEP or w % SIZE_STEP:
-                raise NextStepNodeError(f"NextStep Edit Encode: the image is {w}x{h}; width and height must be "
-                                        f"multiples of {SIZE_STEP}. Resize or crop it first (e.g. Upscale Image).")
             glue.load_to_device(vae)
-            return (ns.encode_edit_images(vae.module, conditioning, pixels),)
+            return (ns.encode_edit_images(vae.module, conditioning, image_to_engine(image)),)
 
 
 NODE_CLASS_MAPPINGS = {"NextStepTextEncode": NextStepTextEncode, "NextStepEditEncode": NextStepEditEncode}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .. import nextstep_core as ns
+from ..nextstep_core.generation import guidance_branches
 from . import comfy_glue as glue
 from .common import CATEGORY, CONDITIONING, MAX_SIZE, MODEL, SIZE_STEP, check_size, user_errors
 
@@ -64,11 +65,13 @@ class NextStepSampler:
                     raise ns.NextStepError(problem)
             if sampler == "auto":
                 sampler = ns.family_defaults(model.config.family)["sampler"]
-            rows = ns.cfg_rows(conditioning, batch_size, cfg, cfg_img)
-            glue.load_to_device(model, ns.estimate_memory_bytes(model.module, width, height, rows, weights=False))
-            n_tokens = (width // SIZE_STEP) * (height // SIZE_STEP)
-            progress = glue.TokenProgress(
-                n_tokens, lambda tokens: ns.tokens_to_latents(model.config, tokens, width, height))
+            rows = guidance_branches(conditioning, cfg, cfg_img) * len(conditioning.prompts) * batch_size
+            need = ns.estimate_memory_bytes(model.module, width, height, rows)  # weights + KV cache + activations
+            glue.load_to_device(model, need - glue.mm.module_size(model.module))
+            affine = model.module.latent_affine  # the model's token space -> the VAE's raw space
+            progress = glue.TokenProgress((width // SIZE_STEP) * (height // SIZE_STEP),
+                                          lambda tokens: ns.tokens_to_latents(tokens, width, height, model.config,
+                                                                              affine))
             result = ns.sample(model.module, conditioning, width=width, height=height, images_per_prompt=batch_size,
                                cfg=cfg, cfg_img=cfg_img, cfg_schedule=cfg_schedule, timesteps_shift=timesteps_shift,
                                steps=steps, sampler=sampler, use_norm=use_norm, seed=seed,

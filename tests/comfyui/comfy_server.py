@@ -109,8 +109,13 @@ import sys, types
 class _Placeholder:
     def __init__(self, *a, **k): pass
     def __call__(self, *a, **k): raise RuntimeError("torchvision stand-in: not available in this test environment")
-    def __getattr__(self, name): return _Placeholder()
-def __getattr__(name):
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Placeholder()
+def __getattr__(name):  # dunders must stay missing: inspect and pickle probe them on every module
+    if name.startswith("__"):
+        raise AttributeError(name)
     return _Placeholder()
 for _sub in ("transforms", "transforms.functional", "transforms.v2", "models", "ops", "io", "utils"):
     _m = types.ModuleType(__name__ + "." + _sub)
@@ -124,7 +129,7 @@ def torchvision_stub_dir() -> Path | None:
     ok = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True).returncode == 0
     if ok:
         return None
-    d = cache_root() / "torchvision-stub"
+    d = cache_root() / "torchvision-stub-v2"  # versioned: an old stub in a shared cache is never reused
     (d / "torchvision").mkdir(parents=True, exist_ok=True)
     (d / "torchvision" / "__init__.py").write_text(_TV_STUB)
     return d

@@ -22,10 +22,12 @@ def _is_widget(spec) -> bool:
     return (isinstance(kind, list) or kind in WIDGET_TYPES) and not opts.get("forceInput")
 
 
-def _has_control(name: str, spec) -> bool:
-    """Seed-like inputs get a hidden 'control after generate' value after them in widgets_values."""
+def _extra_values(name: str, spec) -> int:
+    """Widgets the frontend adds after an input, whose values it also stores in widgets_values: the seed's
+    'control after generate' combo, and the upload button of image inputs."""
     opts = spec[1] if len(spec) > 1 else {}
-    return spec[0] == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed"))
+    control = spec[0] == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed"))
+    return int(bool(control)) + int(bool(opts.get("image_upload")))
 
 
 def to_api(workflow: dict, object_info: dict) -> dict:
@@ -50,8 +52,7 @@ def to_api(workflow: dict, object_info: dict) -> dict:
                 if not values:
                     raise ValueError(f"node {node['id']} ({node['type']}): no widget value left for {name!r}")
                 inputs[name] = values.pop(0)
-                if _has_control(name, spec):
-                    values.pop(0)
+                del values[:_extra_values(name, spec)]
             if name in linked:
                 inputs[name] = linked[name]
         if values:
