@@ -248,8 +248,8 @@ class ComfyServer:
         info = self.get("/object_info" + (f"/{node}" if node else ""))
         return info.get(node, {}) if node else info
 
-    def queue(self, prompt: dict, workflow: dict | None = None) -> str:
-        body = {"prompt": prompt, "client_id": uuid.uuid4().hex}
+    def queue(self, prompt: dict, workflow: dict | None = None, client_id: str | None = None) -> str:
+        body = {"prompt": prompt, "client_id": client_id or uuid.uuid4().hex}
         if workflow is not None:
             body["extra_data"] = {"extra_pnginfo": {"workflow": workflow}}
         return self.post("/prompt", body)["prompt_id"]
@@ -268,6 +268,35 @@ class ComfyServer:
 
     def run(self, prompt: dict, timeout: float = 240, workflow: dict | None = None) -> dict:
         return self.wait(self.queue(prompt, workflow), timeout)
+
+    def run_watching(self, prompt: dict, timeout: float = 120) -> tuple[str, list[dict], list[bytes]]:
+        """Runs a prompt while listening on the websocket: (prompt_id, JSON events, binary frames)."""
+        import asyncio
+
+        import aiohttp  # ComfyUI's own dependency, so present wherever the server runs
+
+        async def listen():
+            client_id = uuid.uuid4().hex
+            events, frames = [], []
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(f"http://127.0.0.1:{self.port}/ws?clientId={client_id}") as ws:
+                    prompt_id = self.queue(prompt, client_id=client_id)
+                    async for msg in ws:
+                        if msg.type == aiohttp.WSMsgType.BINARY:
+                            frames.append(msg.data)
+                        elif msg.type == aiohttp.WSMsgType.TEXT:
+                            event = json.loads(msg.data)
+                            events.append(event)
+                            data = event.get("data", {})
+                            if event["type"] in ("execution_error", "execution_interrupted") or (
+                                    event["type"] == "executing" and data.get("node") is None
+                                    and data.get("prompt_id") == prompt_id):
+                                break
+                        else:
+                            break
+            return prompt_id, events, frames
+
+        return asyncio.run(asyncio.wait_for(listen(), timeout))
 
     def interrupt(self) -> None:
         self.post("/interrupt", {})

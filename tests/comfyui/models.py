@@ -49,6 +49,7 @@ def write_full_size_vae(root: Path) -> tuple[str, str]:
     folder (config.json + checkpoint.pt) for the pack's loader and as a bare checkpoint file for core's Load VAE.
     """
     folder = root / "nextstep" / "full-size-vae"
-    testing.write_vae(str(folder), seed=3, size="full")
-    shutil.copyfile(folder / "checkpoint.pt", root / "vae" / "nextstep_f8ch16_random.pt")
+    if not (root / "vae" / "nextstep_f8ch16_random.pt").is_file():  # shared by the servers of one session
+        testing.write_vae(str(folder), seed=3, size="full")
+        shutil.copyfile(folder / "checkpoint.pt", root / "vae" / "nextstep_f8ch16_random.pt")
     return "full-size-vae", "nextstep_f8ch16_random.pt"
