@@ -5,13 +5,11 @@ NextStep-1-Large-Edit), so the workflows run unmodified apart from sizes and ste
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-
-from nextstep_core import loading, testing
+from nextstep_core import testing
+from nextstep_core.convert import convert
 
 T2I_MODEL = "NextStep-1.1"
 EDIT_MODEL = "NextStep-1-Large-Edit"
@@ -24,22 +22,8 @@ def build_models_dir(root: Path) -> Path:
     testing.make_tiny_checkpoint(str(nextstep / EDIT_MODEL), size="tiny", seed=1, family="nextstep-1")
     (root / "diffusion_models").mkdir(parents=True, exist_ok=True)
     (root / "vae").mkdir(parents=True, exist_ok=True)
-    write_single_file(nextstep / T2I_MODEL, root / "diffusion_models" / SINGLE_FILE)
+    convert(str(nextstep / T2I_MODEL), str(root / "diffusion_models" / SINGLE_FILE), dtype="fp32")
     return root
-
-
-def write_single_file(folder: Path, dst: Path) -> None:
-    """The model folder as one .safetensors with config and tokenizer in its metadata (the engine's single-file
-    format; `python -m nextstep_core convert` writes the same)."""
-    state = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(shard))
-    meta = {loading.META_CONFIG: (folder / "config.json").read_text(),
-            loading.META_TOKENIZER: (folder / "tokenizer.json").read_text(),
-            loading.META_TOKENIZER_CONFIG: (folder / "tokenizer_config.json").read_text(),
-            loading.META_VAE_CONFIG: (folder / "vae" / "config.json").read_text()}
-    json.loads(meta[loading.META_CONFIG])  # fail here, not in the server, if the folder is broken
-    save_file(state, str(dst), metadata=meta)
 
 
 def write_full_size_vae(root: Path) -> tuple[str, str]:
