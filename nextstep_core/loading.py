@@ -104,6 +104,7 @@ def model_source(path: str) -> tuple[Source, dict]:
     path = os.path.abspath(os.path.expanduser(path))
     if os.path.isdir(path):
         raw = read_json(os.path.join(path, "config.json"))
+        model_config_from_dict(raw, os.path.join(path, "config.json"))  # the wrong kind of folder fails here, first
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(index):
             weight_map = read_json(index).get("weight_map")
@@ -125,7 +126,7 @@ def model_source(path: str) -> tuple[Source, dict]:
     if os.path.isfile(path) and path.endswith((".safetensors", ".sft")):
         src = scan_safetensors([path], path, "file")
         if META_CONFIG not in src.metadata:
-            if any(k.startswith(("encoder.", "decoder.")) for k in src.shapes):
+            if src.metadata.get("nextstep_kind") == "vae" or any(k.startswith(("encoder.", "decoder.")) for k in src.shapes):
                 raise CheckpointError(f"{path} is a VAE (image tokenizer), not the NextStep model. Load it with the "
                                       "VAE loader.")
             raise CheckpointError(f"{path} carries no NextStep config in its metadata. Single-file models must be "
@@ -155,29 +156,25 @@ def set_tensor(module: nn.Module, key: str, value: torch.Tensor) -> None:
 
 
 def stream_into(module: nn.Module, src: Source, keys: list[str], dtype: torch.dtype, device,
-                keep_dtype=lambda key, t: False, transform=None) -> None:
+                keep_dtype=lambda key, t: False) -> None:
     """Read each key from its file, cast (unless `keep_dtype`), place, and assign it into `module`."""
-    from safetensors import safe_open
+    from .st_io import TensorReader
 
-    by_file: dict[str, list[str]] = {}
+    readers = {}
     for k in keys:
-        by_file.setdefault(src.key_files[k], []).append(k)
-    for fpath, ks in by_file.items():
+        fpath = src.key_files[k]
         try:
-            with safe_open(fpath, framework="pt") as f:
-                for k in ks:
-                    t = f.get_tensor(k)
-                    if transform is not None:
-                        t = transform(k, t)
-                    if t.is_floating_point() and not keep_dtype(k, t):
-                        t = t.to(dtype)
-                    set_tensor(module, k, t.to(device))
-                    del t
+            reader = readers.get(fpath) or readers.setdefault(fpath, TensorReader(fpath))
+            t = reader.get(k)
         except CheckpointError:
             raise
         except Exception as e:
-            raise CheckpointError(f"{fpath}: reading failed ({e}); the file is truncated or corrupt, download it "
+            raise CheckpointError(f"{fpath}: reading {k} failed ({e}); the file is truncated or corrupt, download it "
                                   "again.") from None
+        if t.is_floating_point() and not keep_dtype(k, t):
+            t = t.to(dtype)
+        set_tensor(module, k, t.to(device))
+        del t
 
 
 def check_keys(expected: dict, src: Source, what: str, optional=()) -> list[str]:
@@ -249,7 +246,7 @@ def _vae_files(path: str):
         return _vae_files(os.path.dirname(path))
     if os.path.isfile(path) and path.endswith((".safetensors", ".sft")):
         src = scan_safetensors([path], path, "file")
-        if META_CONFIG in src.metadata and META_VAE_CONFIG not in src.metadata:
+        if src.metadata.get("nextstep_kind") == "model" or META_CONFIG in src.metadata:
             raise CheckpointError(f"{path} is the NextStep AR model, not its VAE. Load it with the model loader.")
         if META_VAE_CONFIG in src.metadata:
             return vae_config_from_dict(json.loads(src.metadata[META_VAE_CONFIG]), path), None, src

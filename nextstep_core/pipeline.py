@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .generate import Conditioning, decode_latents, encode_edit_images, sample
+from .generation import Conditioning, decode_latents, encode_edit_images, sample
 
 
 @dataclass

@@ -1,0 +1,106 @@
+"""`info`: validate a model or VAE (headers only, nothing heavy is read) and say what it is."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .errors import CheckpointError
+from .loading import META_VAE_CONFIG, _vae_files, check_keys, expected_shapes, load_tokenizer, read_model_config
+
+
+def _is_vae(path: str) -> bool:
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "checkpoint.pt")):
+            return True
+        cfg = os.path.join(path, "config.json")
+        if os.path.isfile(cfg):
+            import json
+
+            with open(cfg, encoding="utf-8") as f:
+                try:
+                    raw = json.load(f)
+                except ValueError:
+                    return False
+            return "z_channels" in raw or "ch_mult" in raw
+        return False
+    if path.endswith(".pt"):
+        return True
+    if path.endswith(".safetensors"):
+        from .loading import _read_header
+
+        meta, shapes, _ = _read_header(path)
+        return meta.get("nextstep_kind") == "vae" or (META_VAE_CONFIG in meta and "nextstep_config" not in meta) \
+            or any(k.startswith("decoder.") for k in shapes)
+    return False
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def describe(path: str) -> str:
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} does not exist.")
+    return _describe_vae(path) if _is_vae(path) else _describe_model(path)
+
+
+def _describe_model(path: str) -> str:
+    from .model import NextStep
+    from .quant import QUANT_SUFFIXES
+
+    cfg, src = read_model_config(path)
+    tok = load_tokenizer(src)
+    tok.check_against(cfg, src.path)
+    with torch.device("meta"):
+        expected = expected_shapes(NextStep(cfg, with_lm_head="lm_head.weight" in src.shapes))
+    unexpected = [k for k in check_keys(expected, src, "model", {"gen_pos_embed"}) if not k.endswith(QUANT_SUFFIXES)]
+    n_params = sum(torch.Size(s).numel() for k, s in src.shapes.items() if not k.endswith(QUANT_SUFFIXES))
+    dtypes = sorted(set(src.dtypes.values()))
+    size = sum(os.path.getsize(f) for f in src.files)
+    lines = [
+        f"NextStep model: {path}",
+        f"  family:      {cfg.family}" + (f" ({cfg.name})" if cfg.name else ""),
+        f"  decoder:     {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads "
+        f"/ {cfg.num_key_value_heads} kv heads, MLP {cfg.intermediate_size}, vocab {cfg.vocab_size}",
+        f"  head:        {cfg.fm_head_layers} blocks of {cfg.fm_head_dim}; tokens of {cfg.token_dim} "
+        f"({cfg.latent_channels} ch, patch {cfg.latent_patch_size})",
+        f"  parameters:  {n_params:,}",
+        f"  stored as:   {', '.join(dtypes)}" + (f" (quantised {src.metadata['nextstep_quant']})"
+                                                   if "nextstep_quant" in src.metadata else ""),
+        f"  files:       {len(src.files)} file(s), {_gib(size)}",
+        *[f"    {os.path.relpath(f, path) if src.kind == 'folder' else os.path.basename(f)}" for f in src.files],
+        f"  LM head:     {'present (not loaded for image generation)' if 'lm_head.weight' in src.shapes else 'absent'}",
+        f"  tokenizer:   ok (BOS {tok.bos_token!r})",
+    ]
+    if unexpected:
+        lines.append(f"  unexpected:  {len(unexpected)} tensor(s) that will not be loaded: {unexpected[:5]}")
+    vae = os.path.join(path, "vae") if src.kind == "folder" else None
+    if vae and os.path.isdir(vae):
+        lines.append("  vae/:        " + _describe_vae(vae).splitlines()[0].split(": ", 1)[0] + " present")
+    return "\n".join(lines)
+
+
+def _describe_vae(path: str) -> str:
+    from .vae import AutoEncoder
+
+    cfg, state, src = _vae_files(path)
+    with torch.device("meta"):
+        expected = expected_shapes(AutoEncoder(cfg))
+    if state is not None:
+        from .loading import Source
+
+        src = Source(path, "folder", {k: path for k in state}, {k: tuple(v.shape) for k, v in state.items()}, {})
+    unexpected = check_keys(expected, src, "VAE")
+    n = sum(torch.Size(s).numel() for s in src.shapes.values())
+    lines = [
+        f"NextStep VAE (f8 tokenizer): {path}",
+        f"  channels:    z {cfg.z_channels}, base {cfg.ch}, mult {list(cfg.ch_mult)}, {cfg.num_res_blocks} res blocks",
+        f"  latents:     scale {cfg.scaling_factor}, shift {cfg.shift_factor}, encoder_norm {cfg.encoder_norm}, "
+        f"psz {cfg.psz}",
+        f"  parameters:  {n:,}",
+    ]
+    if unexpected:
+        lines.append(f"  unexpected:  {len(unexpected)} tensor(s) that will not be loaded: {unexpected[:5]}")
+    return "\n".join(lines)

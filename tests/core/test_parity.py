@@ -1,0 +1,92 @@
+"""Parity with the official pipeline: same checkpoint, prompts, settings and noise -> the same image.
+
+The golden numbers were produced by running the reference once (see golden/README.md). Round-off between two
+correct float32 implementations on this checkpoint is about 1e-5 on tokens; the gate is 2/255 per pixel.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import nextstep_core as ns
+
+HERE = os.path.join(os.path.dirname(__file__), "golden")
+CASES = json.load(open(os.path.join(HERE, "cases.json")))
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return np.load(os.path.join(HERE, "reference_tiny.npz"))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from nextstep_core.testing import make_tiny_checkpoint
+
+    d = make_tiny_checkpoint(str(tmp_path_factory.mktemp("golden") / "ckpt"), size="tiny", seed=0)
+    return ns.load_model(d, dtype="float32"), ns.load_vae(d + "/vae")
+
+
+def _run(ckpt, case):
+    model, vae = ckpt
+    cond = ns.Conditioning(case["captions"], case["positive_prompt"], case["negative_prompt"])
+    if case.get("images"):
+        cond = ns.encode_edit_images(vae, cond, [Image.open(os.path.join(HERE, p)).convert("RGB")
+                                                 for p in case["images"]])
+    h, w = case["hw"]
+    res = ns.sample(model, cond, width=w, height=h, images_per_prompt=case["num_images_per_caption"], cfg=case["cfg"],
+                    cfg_img=case["cfg_img"], cfg_schedule=case["cfg_schedule"],
+                    timesteps_shift=case["timesteps_shift"], steps=case["num_sampling_steps"],
+                    use_norm=case["use_norm"], seed=case["seed"], noise="reference")
+    return cond, res, ns.decode_latents(vae, res.latents)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_matches_the_official_pipeline(ckpt, golden, case):
+    n = case["name"]
+    cond, res, images = _run(ckpt, case)
+    tokens = golden[f"{n}/tokens"]
+    assert res.tokens.shape == tokens.shape
+    assert np.abs(res.tokens.numpy() - tokens).max() < 1e-4
+    assert np.abs(res.latents.numpy() - golden[f"{n}/latent_pre_decode"]).max() < 1e-4
+    pixels = (images.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).numpy().astype(int)
+    assert np.abs(pixels - golden[f"{n}/images"].astype(int)).max() <= 2
+    if case.get("images"):
+        ours = np.stack([lat.numpy() for lat in cond.edit_latents])
+        theirs = golden[f"{n}/edit_latents"][: len(ours)]
+        assert np.abs(ours - theirs).max() < 1e-4
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_same_token_ids_and_prefill(ckpt, golden, case):
+    from nextstep_core.generation import guidance_branches
+    from nextstep_core.prompt import build_rows, grid_size, tokenize_rows
+
+    model, vae = ckpt
+    cond = ns.Conditioning(case["captions"], case["positive_prompt"], case["negative_prompt"])
+    grids = None
+    if case.get("images"):
+        sizes = [Image.open(os.path.join(HERE, p)).size for p in case["images"]]
+        grids = [(hh // 16, ww // 16) for ww, hh in sizes]
+        cond.edit_latents = [torch.zeros(1)] * len(grids)
+    h, w = grid_size(case["hw"][1], case["hw"][0], model.config)
+    rows, img_rows = build_rows(cond.prompts, cond.positive_prompt, cond.negative_prompt,
+                                case["num_images_per_caption"], guidance_branches(cond, case["cfg"], case["cfg_img"]),
+                                grids, model.config.family)
+    batch = tokenize_rows(model.tokenizer, model.config, rows, h, w, model.config.family, img_rows)
+    assert batch.input_ids.tolist() == golden[f"{case['name']}/input_ids"].tolist()
+    assert batch.real.long().tolist() == golden[f"{case['name']}/attention_mask"].tolist()
+
+
+def test_reference_noise_mode_differs_from_the_default(ckpt):
+    case = CASES[0]
+    model, _ = ckpt
+    args = dict(width=64, height=64, images_per_prompt=2, steps=3, seed=42)
+    ref = ns.sample(model, ns.Conditioning(case["captions"]), noise="reference", **args)
+    ind = ns.sample(model, ns.Conditioning(case["captions"]), **args)
+    assert not torch.allclose(ref.tokens, ind.tokens)
+    # the reference shares noise between prompts (image j of every prompt gets the same draws); ours does not
+    assert not torch.allclose(ind.tokens[0], ind.tokens[2])
