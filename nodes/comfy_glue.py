@@ -99,9 +99,9 @@ def should_cancel() -> bool:
 def _rgb_projection():
     """Latent -> RGB factors for 16-channel f8 latents.
 
-    NextStep's tokenizer is a Flux-style f8ch16 autoencoder, so Flux's Latent2RGB factors give a usable sketch of
-    the image (ComfyUI's own previews use the same trick). ComfyUI versions without Flux get None and a plain
-    three-channel view instead.
+    NextStep's tokenizer is a Flux-architecture f8ch16 autoencoder, so Flux's Latent2RGB factors (made for its
+    normalised latents) give an approximate sketch of the image, the same trick ComfyUI's own previews use.
+    ComfyUI versions without Flux get None and a plain three-channel view instead.
     """
     import comfy.latent_formats as lf
     flux = getattr(lf, "Flux", None)
@@ -109,17 +109,17 @@ def _rgb_projection():
         return None
     fmt = flux()
     bias = getattr(fmt, "latent_rgb_factors_bias", None)
-    return fmt, torch.tensor(fmt.latent_rgb_factors), (torch.tensor(bias) if bias is not None else None)
+    return torch.tensor(fmt.latent_rgb_factors), (torch.tensor(bias) if bias is not None else None)
 
 
 def latent_preview_image(latent: torch.Tensor):
-    """One raw latent [16,h,w] -> a small PIL image."""
+    """One token-space latent [16,h,w] (roughly unit scale) -> a small PIL image."""
     from PIL import Image
     latent = latent.float().cpu()
     proj = _rgb_projection()
     if proj is not None:
-        fmt, factors, bias = proj
-        rgb = torch.einsum("chw,cr->hwr", fmt.process_in(latent), factors)
+        factors, bias = proj
+        rgb = torch.einsum("chw,cr->hwr", latent, factors)
         if bias is not None:
             rgb = rgb + bias
         rgb = ((rgb + 1) / 2).clamp(0, 1)

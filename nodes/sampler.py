@@ -68,10 +68,10 @@ class NextStepSampler:
             rows = guidance_branches(conditioning, cfg, cfg_img) * len(conditioning.prompts) * batch_size
             need = ns.estimate_memory_bytes(model.module, width, height, rows)  # weights + KV cache + activations
             glue.load_to_device(model, need - glue.mm.module_size(model.module))
-            affine = model.module.latent_affine  # the model's token space -> the VAE's raw space
+            # Previews stay in the model's token space (unit scale, like the normalised latents the RGB factors
+            # expect); only the returned LATENT is converted to the VAE's raw space.
             progress = glue.TokenProgress((width // SIZE_STEP) * (height // SIZE_STEP),
-                                          lambda tokens: ns.tokens_to_latents(tokens, width, height, model.config,
-                                                                              affine))
+                                          lambda tokens: ns.tokens_to_latents(tokens, width, height, model.config))
             result = ns.sample(model.module, conditioning, width=width, height=height, images_per_prompt=batch_size,
                                cfg=cfg, cfg_img=cfg_img, cfg_schedule=cfg_schedule, timesteps_shift=timesteps_shift,
                                steps=steps, sampler=sampler, use_norm=use_norm, seed=seed,

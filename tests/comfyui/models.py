@@ -14,6 +14,7 @@ from nextstep_core.convert import convert
 T2I_MODEL = "NextStep-1.1"
 EDIT_MODEL = "NextStep-1-Large-Edit"
 SINGLE_FILE = "nextstep_tiny.safetensors"
+SINGLE_FILE_FP8 = "nextstep_tiny_fp8.safetensors"
 
 
 def build_models_dir(root: Path) -> Path:
@@ -23,6 +24,7 @@ def build_models_dir(root: Path) -> Path:
     (root / "diffusion_models").mkdir(parents=True, exist_ok=True)
     (root / "vae").mkdir(parents=True, exist_ok=True)
     convert(str(nextstep / T2I_MODEL), str(root / "diffusion_models" / SINGLE_FILE), dtype="fp32")
+    convert(str(nextstep / T2I_MODEL), str(root / "diffusion_models" / SINGLE_FILE_FP8), dtype="fp8")
     return root
 
 

@@ -76,9 +76,10 @@ def test_t2i_workflow(comfy):
     assert images[0].std() > 0  # not a blank image
 
 
-def test_single_file_model_and_batch(comfy):
+@pytest.mark.parametrize("filename", [models.SINGLE_FILE, models.SINGLE_FILE_FP8])
+def test_single_file_model_and_batch(comfy, filename):
     prompt = t2i_prompt(comfy, width=16, height=32, batch_size=2, prefix="single_file")
-    wf.set_inputs(prompt, "NextStepModelLoader", model_name=models.SINGLE_FILE)
+    wf.set_inputs(prompt, "NextStepModelLoader", model_name=filename)
     images = assert_success(comfy, comfy.run(prompt))
     assert [i.shape for i in images] == [(32, 16, 3)] * 2
 
