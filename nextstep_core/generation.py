@@ -113,7 +113,8 @@ def encode_edit_images(vae, cond: Conditioning, images) -> Conditioning:
     return replace(cond, prompts=prompts, edit_latents=latents)
 
 
-def _validate(model, cond: Conditioning, width, height, images_per_prompt, steps, sampler, cfg_schedule, noise):
+def _validate(model, cond: Conditioning, width, height, images_per_prompt, steps, sampler, cfg_schedule, noise,
+              steps_end=None):
     cfg = model.config
     if not cond.prompts:
         raise NextStepError("no prompt given: pass at least one prompt.")
@@ -122,8 +123,8 @@ def _validate(model, cond: Conditioning, width, height, images_per_prompt, steps
         if not isinstance(v, int) or v % f or not f <= v <= MAX_SIDE:
             raise NextStepError(f"{name} {v} is not supported: use a multiple of {f} between {f} and {MAX_SIDE} "
                                 f"(512 is what the model was trained at).")
-    if steps < 1:
-        raise NextStepError(f"steps must be at least 1, got {steps}.")
+    if steps < 1 or (steps_end is not None and steps_end < 1):
+        raise NextStepError(f"steps must be at least 1, got {min(steps, steps_end or steps)}.")
     if images_per_prompt < 1:
         raise NextStepError(f"images per prompt must be at least 1, got {images_per_prompt}.")
     if sampler not in SAMPLERS:
@@ -175,9 +176,30 @@ def _embed(model, batch, cond: Conditioning, n_per_prompt: int, device):
     return x
 
 
+def _fast_mode(fast: str, device: torch.device, steps_end) -> str:
+    from .fast import graphs_available
+
+    if fast not in ("auto", "graph", "static", "eager"):
+        raise NextStepError(f"unknown fast mode {fast!r}; use auto, graph, static or eager.")
+    if fast == "auto":
+        return "graph" if graphs_available(device) and steps_end is None else "eager"
+    if fast != "eager" and steps_end is not None:
+        raise NextStepError("step annealing changes the head's step count per token, which the fixed-shape fast path "
+                            "cannot; use fast='eager' (or 'auto') with steps_end.")
+    if fast == "graph" and not graphs_available(device):
+        raise NextStepError(f"CUDA graphs need a CUDA device; this model is on {device}. Use fast='auto'.")
+    return fast
+
+
+def annealed_steps(k: int, total: int, steps: int, steps_end: int | None) -> int:
+    if steps_end is None or total == 1:
+        return steps
+    return int(round(steps + (steps_end - steps) * k / (total - 1)))
+
+
 class _Noise:
-    def __init__(self, mode, seed, draws, n_prompts, n_per_prompt, edit_rows_shape, dim):
-        self.mode, self.draws, self.n_prompts, self.n, self.dim = mode, draws, n_prompts, n_per_prompt, dim
+    def __init__(self, mode, seed, n_prompts, n_per_prompt, edit_rows_shape, dim):
+        self.mode, self.n_prompts, self.n, self.dim = mode, n_prompts, n_per_prompt, dim
         if mode == "reference":
             self.gen = [torch.Generator().manual_seed(seed)]
             if edit_rows_shape is not None:
@@ -185,24 +207,30 @@ class _Noise:
         else:
             self.gen = [torch.Generator().manual_seed(seed + b) for b in range(n_prompts * n_per_prompt)]
 
-    def next(self) -> torch.Tensor:
+    def next(self, draws: int) -> torch.Tensor:
         """Noise for one token: [draws, B, D] float32 (CPU)."""
         if self.mode == "reference":
-            z = torch.randn((self.draws, self.n, self.dim), generator=self.gen[0])
+            z = torch.randn((draws, self.n, self.dim), generator=self.gen[0])
             return z.repeat(1, self.n_prompts, 1)
-        return torch.stack([torch.randn((self.draws, self.dim), generator=g) for g in self.gen], dim=1)
+        return torch.stack([torch.randn((draws, self.dim), generator=g) for g in self.gen], dim=1)
 
 
 def sample(model, cond: Conditioning, width: int = 512, height: int = 512, images_per_prompt: int = 1,
            cfg: float = 7.5, cfg_img: float = 1.0, cfg_schedule: str = "constant", timesteps_shift: float = 1.0,
            steps: int = 50, sampler: str | None = None, use_norm: bool = True, seed: int = 42,
            noise: str = "independent", progress=None, should_cancel=None, latent_affine=None,
-           hoist: bool = True) -> SampleResult:
-    """Generate image tokens for every prompt × images_per_prompt; see the module docstring."""
+           hoist: bool = True, steps_end: int | None = None, fast: str = "auto") -> SampleResult:
+    """Generate image tokens for every prompt × images_per_prompt; see the module docstring.
+
+    `steps_end` turns on step annealing: head steps go linearly from `steps` at the first token to `steps_end` at
+    the last (off by default; early tokens set the layout, later ones mostly fill in detail).
+    `fast`: "auto" (CUDA graphs on CUDA, the plain loop elsewhere), "graph", "static" (fixed shapes, no graph) or
+    "eager". `progress(done, total, tokens)` gets the tokens so far, on the model's device in the fast paths.
+    """
     mcfg = model.config
     family = mcfg.family
     sampler = sampler or family_defaults(family)["sampler"]
-    _validate(model, cond, width, height, images_per_prompt, steps, sampler, cfg_schedule, noise)
+    _validate(model, cond, width, height, images_per_prompt, steps, sampler, cfg_schedule, noise, steps_end)
     dev, dtype = model.device, model.dtype
     h, w = grid_size(width, height, mcfg)
     total = h * w
@@ -218,24 +246,38 @@ def sample(model, cond: Conditioning, width: int = 512, height: int = 512, image
     edit_shape = None
     if cond.is_edit and image_rows:
         edit_shape = (len(image_rows), *cond.edit_latents[0].shape)
-    noise_src = _Noise(noise, seed, draws_needed(steps, sampler, family), len(cond.prompts), images_per_prompt,
-                       edit_shape, mcfg.token_dim)
-    grid = time_grid(steps, timesteps_shift, family)
+    noise_src = _Noise(noise, seed, len(cond.prompts), images_per_prompt, edit_shape, mcfg.token_dim)
+    grids = {}
     n_img = len(cond.prompts) * images_per_prompt
     tokens = torch.zeros(n_img, total, mcfg.token_dim)
+    mode = _fast_mode(fast, dev, steps_end)
     with torch.inference_mode():
         cache = model.new_cache(len(rows), batch.input_ids.shape[1] + total - 1, dtype, dev)
         x = _embed(model, batch, cond, images_per_prompt, dev).to(dtype)
         c = model.forward_embeds(x, cache, batch.real.to(dev))[:, -1]
-        for k in range(total):
+        if mode != "eager":
+            from .fast import StaticTokenStep
+
+            grid = time_grid(steps, timesteps_shift, family)
+            draws = draws_needed(steps, sampler, family)
+            step = StaticTokenStep(model, cache, batch.input_ids.shape[1], total, h, w, n_img, branches, grid, draws,
+                                   sampler, use_norm, capture=mode == "graph")
+            step.c.copy_(c)
+            tokens = tokens.to(dev)
+            pin = dev.type == "cuda"
+        for k in range(total if mode == "eager" else 0):
             if should_cancel is not None and should_cancel():
                 raise GenerationCancelled(f"cancelled after {k} of {total} tokens")
             pos = model.pos_embed_for(k, h, w)
             cc = model.image_out_projector(c if pos is None else c + pos.to(c.dtype))
             guide = Guidance(branches, cfg_at(k, total, cfg, cfg_schedule, family),
                              cfg_at(k, total, cfg_img, cfg_schedule, family))
-            tok = sample_token(model.image_head, cc, noise_src.next().to(dev), grid, guide, sampler, family,
-                               hoist).to(dtype)
+            n_steps = annealed_steps(k, total, steps, steps_end)
+            grid = grids.get(n_steps)
+            if grid is None:
+                grid = grids[n_steps] = time_grid(n_steps, timesteps_shift, family)
+            noise_k = noise_src.next(draws_needed(n_steps, sampler, family)).to(dev)
+            tok = sample_token(model.image_head, cc, noise_k, grid, guide, sampler, family, hoist).to(dtype)
             if use_norm:
                 tok = F.layer_norm(tok, (tok.shape[-1],), eps=1e-6)
             tokens[:, k] = tok.float().cpu()
@@ -244,6 +286,17 @@ def sample(model, cond: Conditioning, width: int = 512, height: int = 512, image
             if k + 1 < total:  # nothing reads the model after the last token
                 emb = model.image_in_projector(tok).repeat(branches, 1)[:, None]
                 c = model.forward_embeds(emb, cache)[:, -1]
+        for k in range(total if mode != "eager" else 0):
+            if should_cancel is not None and should_cancel():
+                raise GenerationCancelled(f"cancelled after {k} of {total} tokens")
+            noise_k = noise_src.next(draws)
+            tok = step.run(noise_k.pin_memory() if pin else noise_k,
+                           cfg_at(k, total, cfg, cfg_schedule, family), cfg_at(k, total, cfg_img, cfg_schedule, family),
+                           last=k + 1 == total)
+            tokens[:, k].copy_(tok)
+            if progress is not None:
+                progress(k + 1, total, tokens[:, :k + 1])
+    tokens = tokens.float().cpu()
     scale, shift = latent_affine or getattr(model, "latent_affine", (1.0, 0.0))
     latents = unpatchify(tokens, h, w, mcfg.latent_patch_size) / scale + shift
     return SampleResult(tokens, latents, width, height)

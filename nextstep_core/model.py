@@ -94,10 +94,15 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        end = start + s
-        cache.k[layer][:, :, start:end] = k
-        cache.v[layer][:, :, start:end] = v
-        k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
+        if isinstance(start, torch.Tensor):  # static shapes (CUDA graphs): write at a device index, read it all
+            cache.k[layer].index_copy_(2, start, k)
+            cache.v[layer].index_copy_(2, start, v)
+            k, v = cache.k[layer], cache.v[layer]
+        else:
+            end = start + s
+            cache.k[layer][:, :, start:end] = k
+            cache.v[layer][:, :, start:end] = v
+            k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
         out = attention(q, k, v, mask, self.backend)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
@@ -202,6 +207,19 @@ class NextStep(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, start, mask)
         cache.length = end
+        return self.norm(x)
+
+    def forward_static(self, x: torch.Tensor, cache: KVCache, pos: torch.Tensor) -> torch.Tensor:
+        """One decode step [B,1,H] at the slot held in the device tensor `pos` [1], with fixed shapes throughout.
+
+        Attention reads the whole preallocated cache under a mask of the slots that are real and already written,
+        so nothing here depends on a host-side length: the step can be captured in a CUDA graph and replayed.
+        """
+        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
+        slots = torch.arange(cache.max_len, device=x.device)
+        mask = (cache.real & (slots <= pos)[None, :])[:, None, None, :]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i, pos, mask)
         return self.norm(x)
 
     def _mask(self, cache: KVCache, start: int, end: int, s: int):

@@ -82,16 +82,17 @@ class Guidance:
 
 
 def sample_token(head, c: torch.Tensor, noise: torch.Tensor, grid: torch.Tensor, guidance: Guidance,
-                 sampler: str, family: str, hoist: bool = True) -> torch.Tensor:
+                 sampler: str, family: str, hoist: bool = True, grid_dev: torch.Tensor | None = None) -> torch.Tensor:
     """Sample one token for each of B images.
 
     c: conditions of all guidance rows [branches*B, hidden] (model dtype); noise: [draws, B, D] fp32 on c's device;
-    grid: `time_grid(...)` (CPU). Returns the guided token [B, D] in float32.
+    grid: `time_grid(...)` (CPU; its values become Python constants, which a CUDA graph bakes in); `grid_dev`: the
+    same on c's device, when the caller keeps one (no copy inside a captured graph). The guidance scales may be
+    device tensors. Returns the guided token [B, D] in float32.
     """
     n_eval = len(grid) - 1  # number of head evaluations
     x = noise[0].clone()
-    dev = c.device
-    t_dev = grid.to(dev)
+    t_dev = grid.to(c.device) if grid_dev is None else grid_dev
     if hoist:
         mods = head.modulations(t_dev[:n_eval], c)
         velocity = lambda i, xin: head.velocity_premod(xin, mods, i)  # noqa: E731

@@ -1,0 +1,80 @@
+"""The fixed-shape per-token path (what CUDA graphs replay) equals the plain loop on the same noise."""
+import pytest
+import torch
+
+import nextstep_core as ns
+from nextstep_core import Conditioning, NextStepError, sample
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(),
+    dict(cfg_schedule="linear", use_norm=False),
+    dict(sampler="flow_sde", cfg=1.0),
+    dict(sampler="euler", noise="reference"),
+])
+def test_static_path_equals_the_eager_loop(tiny_model, kwargs):
+    args = dict(width=48, height=32, steps=5, images_per_prompt=2, seed=3, cfg=4.0)
+    args.update(kwargs)
+    cond = Conditioning(["a cat", "the dog on the mat"], negative_prompt="blurry")
+    a = sample(tiny_model, cond, fast="eager", **args)
+    b = sample(tiny_model, cond, fast="static", **args)
+    assert torch.allclose(a.tokens, b.tokens, atol=1e-4)
+
+
+def test_static_path_with_gen_pos_embed_and_editing(tmp_path, tiny_vae):
+    from nextstep_core.testing import make_tiny_checkpoint
+
+    d = make_tiny_checkpoint(str(tmp_path / "pe"), family="nextstep-1.1", use_gen_pos_embed=True,
+                             base_image_grid_size=4, with_vae=False)
+    m = ns.load_model(d, dtype="float32")
+    assert m.gen_pos_embed is not None
+    cond = ns.encode_edit_images(tiny_vae, Conditioning(["<image>x"]), [torch.rand(3, 32, 32)])
+    args = dict(width=64, height=48, steps=3, cfg=3.0, cfg_img=2.0, seed=1)
+    a = sample(m, cond, fast="eager", **args)
+    b = sample(m, cond, fast="static", **args)
+    assert torch.allclose(a.tokens, b.tokens, atol=1e-4)
+    with pytest.raises(NextStepError, match="position table covers at most 64x64"):
+        sample(m, Conditioning(["x"]), width=80, height=32, steps=1)
+
+
+def test_static_path_honours_progress_and_cancel(tiny_model):
+    seen = []
+    sample(tiny_model, Conditioning(["a"]), width=32, height=32, steps=2, fast="static",
+           progress=lambda d, t, tok: seen.append((d, tok.shape[1])))
+    assert seen == [(1, 1), (2, 2), (3, 3), (4, 4)]
+    with pytest.raises(ns.GenerationCancelled):
+        sample(tiny_model, Conditioning(["a"]), width=32, height=32, steps=2, fast="static",
+               should_cancel=lambda: len(seen) > 5, progress=lambda *a: seen.append(a))
+
+
+def test_fast_mode_errors(tiny_model):
+    with pytest.raises(NextStepError, match="CUDA graphs need a CUDA device"):
+        sample(tiny_model, Conditioning(["a"]), width=32, height=32, steps=2, fast="graph")
+    with pytest.raises(NextStepError, match="step annealing"):
+        sample(tiny_model, Conditioning(["a"]), width=32, height=32, steps=4, steps_end=2, fast="static")
+    with pytest.raises(NextStepError, match="unknown fast mode"):
+        sample(tiny_model, Conditioning(["a"]), width=32, height=32, steps=2, fast="turbo")
+
+
+def test_step_annealing_runs_fewer_head_steps_later(tiny_model, monkeypatch):
+    import nextstep_core.generation as G
+
+    used = []
+    real = G.sample_token
+
+    def spy(head, c, noise, grid, *a, **k):
+        used.append(len(grid) - 1)
+        return real(head, c, noise, grid, *a, **k)
+
+    monkeypatch.setattr(G, "sample_token", spy)
+    sample(tiny_model, Conditioning(["a"]), width=64, height=32, steps=10, steps_end=2)
+    assert used[0] == 10 and used[-1] == 2 and used == sorted(used, reverse=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_equals_eager_on_the_same_noise(tiny_dir):
+    m = ns.load_model(tiny_dir, dtype="float32", device="cuda")
+    args = dict(width=64, height=64, steps=6, images_per_prompt=2, seed=9, cfg=4.0, cfg_schedule="linear")
+    a = sample(m, Conditioning(["a cat"]), fast="eager", **args)
+    b = sample(m, Conditioning(["a cat"]), fast="graph", **args)
+    assert torch.allclose(a.tokens, b.tokens, atol=1e-4)
