@@ -19,6 +19,8 @@ def full_vae(comfy):
 
 
 def test_core_vae_decode_matches_the_pack(comfy, full_vae):
+    if not comfy.modern:
+        pytest.skip("the 2024 core VAE loader assumes 4 latent channels; test_legacy.py asserts that it fails")
     folder, filename = full_vae
     assert filename in comfy.object_info("VAELoader")["input"]["required"]["vae_name"][0]
     prompt = {
