@@ -68,6 +68,7 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.real = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.has_padding = False  # decided once at prefill, so decode steps never ask the device
         self.max_len = max_len
         self.length = 0
 
@@ -201,6 +202,8 @@ class NextStep(nn.Module):
         if end > cache.max_len:
             raise RuntimeError(f"KV cache overflow: {end} > {cache.max_len} slots")
         cache.real[:, start:end] = True if real is None else real
+        if real is not None and s > 1:
+            cache.has_padding = cache.has_padding or not bool(real.all())
         pos = torch.arange(start, end, device=x.device)
         cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
         mask = self._mask(cache, start, end, s)
@@ -224,8 +227,8 @@ class NextStep(nn.Module):
 
     def _mask(self, cache: KVCache, start: int, end: int, s: int):
         keys_real = cache.real[:, :end]
-        if s == 1 and bool(keys_real.all()):
-            return None  # a decode step with no padding attends to every filled slot
+        if s == 1:  # a decode step attends to every filled slot but the pads: a view, nothing rebuilt
+            return keys_real[:, None, None, :] if cache.has_padding else None
         key_idx = torch.arange(end, device=keys_real.device)
         query_idx = torch.arange(start, end, device=keys_real.device)
         causal = key_idx[None, :] <= query_idx[:, None]
