@@ -73,3 +73,19 @@ def test_convert_refuses_requantising(tiny_dir, tmp_path):
     out = convert(tiny_dir, str(tmp_path / "q.safetensors"), "int8")
     with pytest.raises(ns.CheckpointError, match="already quantised"):
         convert(out, str(tmp_path / "qq.safetensors"), "fp8")
+
+
+def test_fp8_matmul_path_matches_the_dequantised_product():
+    """The hardware fp8 path (used on CUDA 8.9+) computes what the dequantising path computes, to fp8 accuracy."""
+    from nextstep_core.quant import fp8_linear
+
+    torch.manual_seed(0)
+    w, x, b = torch.randn(48, 128), torch.randn(5, 1, 128).bfloat16(), torch.randn(48)
+    q, s = quantize_weight(w, "fp8")
+    try:
+        fast = fp8_linear(x, q, s, b)
+    except RuntimeError as e:  # torch builds without CPU _scaled_mm
+        pytest.skip(f"torch._scaled_mm unavailable here: {e}")
+    slow = torch.nn.functional.linear(x, dequantize_weight(q, s, torch.bfloat16), b.bfloat16())
+    assert fast.shape == (5, 1, 48)
+    assert ((fast.float() - slow.float()).norm() / slow.float().norm()) < 0.06
