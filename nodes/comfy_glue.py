@@ -6,7 +6,7 @@ ComfyUI to current releases (newer names are looked up with getattr and fall bac
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -26,7 +26,6 @@ class Managed:
     module: Any
     patcher: Any
     path: str
-    extra: dict = field(default_factory=dict)
 
     @property
     def config(self):
@@ -48,7 +47,8 @@ def make_patcher(module: torch.nn.Module):
     CoreModelPatcher (dynamic VRAM) where the ComfyUI has it, the classic ModelPatcher everywhere else.
     """
     patcher_cls = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
-    return patcher_cls(NextStepManaged(module), load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    return patcher_cls(NextStepManaged(module), load_device=mm.get_torch_device(),
+                       offload_device=mm.unet_offload_device())
 
 
 _LAYERS = ("Linear", "Embedding", "LayerNorm", "Conv2d", "GroupNorm")
@@ -65,7 +65,9 @@ def operations_for(weight_dtype: torch.dtype, compute_dtype: torch.dtype) -> Sim
 
 
 def default_weight_dtype(device: torch.device) -> torch.dtype:
-    """`auto`: bf16 where the device runs it well, else fp32. fp16 is never picked: Qwen-style activations overflow it."""
+    """`auto`: bf16 where the device runs it well, else fp32.
+
+    fp16 is never picked: Qwen-style activations overflow it."""
     try:
         if mm.should_use_bf16(device):
             return torch.bfloat16

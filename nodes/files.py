@@ -23,6 +23,8 @@ KNOWN_MODELS = {
 }
 KNOWN_VAES = {
     "NextStep-1.1/vae": ("stepfun-ai/NextStep-1.1", "vae"),
+    "NextStep-1-Large/vae": ("stepfun-ai/NextStep-1-Large", "vae"),
+    "NextStep-1-Large-Edit/vae": ("stepfun-ai/NextStep-1-Large-Edit", "vae"),
     "NextStep-1-f8ch16-Tokenizer": ("stepfun-ai/NextStep-1-f8ch16-Tokenizer", None),
 }
 _VAE_KEYS = {"z_channels", "ch_mult", "scaling_factor", "shift_factor", "encoder_norm"}

@@ -32,8 +32,8 @@ class NextStepModelLoader:
                                                               " or a single .safetensors in models/diffusion_models."}),
             "weight_dtype": (list(WEIGHT_DTYPES), {"default": "auto", "tooltip": "Weight precision. auto: bf16 where "
                              "the device supports it, else fp32. fp16 may overflow on this model family."}),
-            "attention": (list(ATTENTION), {"default": "sdpa", "tooltip": "Attention kernel. sdpa is PyTorch's built-in; "
-                                      "flash-attn needs the flash_attn package and a CUDA GPU."}),
+            "attention": (list(ATTENTION), {"default": "sdpa", "tooltip": "Attention kernel. sdpa is PyTorch's "
+                          "built-in; flash-attn needs the flash_attn package and a CUDA GPU."}),
             "download": ("BOOLEAN", {"default": False, "tooltip": _DOWNLOAD_TIP}),
         }}
 

@@ -96,7 +96,8 @@ def check_server_dependencies(tree: Path) -> None:
     needed = ["aiohttp", "yaml", "safetensors", "einops", "torchsde", "transformers", "scipy", "PIL", "psutil"]
     if (tree / "comfy_api").is_dir():  # 0.3.x: Vue frontend from a pip package, SQL database
         needed += ["comfyui_frontend_package", "sqlalchemy", "alembic", "av", "requests", "pydantic_settings"]
-    code = "import importlib.util, sys; m=[n for n in sys.argv[1:] if importlib.util.find_spec(n) is None]; print(' '.join(m))"
+    code = ("import importlib.util, sys; "
+            "print(' '.join(n for n in sys.argv[1:] if importlib.util.find_spec(n) is None))")
     missing = subprocess.run([sys.executable, "-c", code, *needed], capture_output=True, text=True).stdout.split()
     if missing:
         raise Unavailable(f"ComfyUI's dependencies are missing: {missing} (run tests/comfyui/install.sh)")

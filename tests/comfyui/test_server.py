@@ -1,7 +1,6 @@
 """The pack inside a real ComfyUI server: registration, the shipped workflows, errors and interrupts."""
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
