@@ -1,0 +1,464 @@
+"""CPU benchmark for issue 5: medians and ratios, side by side, in one run. Never a pass/fail test.
+
+    python bench/bench_cpu.py                  # full run (~10-15 min on 2 cores)
+    python bench/bench_cpu.py --quick          # smoke run (small checkpoint, few tokens, 1 round)
+    python bench/bench_cpu.py --json out.json  # also dump every number
+
+Random-weight checkpoints come from `nextstep_core.testing.make_tiny_checkpoint` and live in a cache folder outside
+the repo (`--cache`, default $NEXTSTEP_BENCH_CACHE or <tmp>/nextstep-bench). Variants are interleaved A/B/A/B and
+medians are reported, because the shared CPU is noisy. Peak RSS is VmHWM from /proc/self/status of a fresh
+subprocess per variant (ru_maxrss would carry the parent's peak across exec).
+
+Sections
+  head      plain per-step head loop vs hoisted AdaLN modulations (whole generation, and sample_token alone)
+  fast      fast="eager" vs fast="static" (fixed shapes, no graph: what a CUDA graph would replay)
+  quant     bf16 vs fp8 vs int8 weights: tokens/s, weight bytes, peak RSS, error vs bf16 on the same noise
+  batch     1 vs 4 images per prompt in one pass
+  anneal    50 head steps vs step annealing 50 -> 5
+  convert   peak RSS of `python -m nextstep_core convert SRC DST --dtype bf16` vs the bf16 weight bytes
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (REPO, dump_json, env_info, fmt, interleave, max_abs, mb, med, now, proc_status,  # noqa: E402
+                    psnr, rel_err, run_child, summary, table)
+
+PROMPT = "a red fox in the snow, film grained"
+NEGATIVE = "lowres, bad anatomy, blurry"
+SEED = 1
+
+
+def weight_bytes(model) -> int:
+    ts = list(model.parameters()) + [b for b in model.buffers() if b is not None]
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def checkpoint(cache: str, size: str) -> str:
+    from nextstep_core.testing import make_tiny_checkpoint
+
+    path = os.path.join(cache, f"ckpt-{size}-seed0")
+    if not os.path.isfile(os.path.join(path, "vae", "checkpoint.pt")):
+        t0 = now()
+        make_tiny_checkpoint(path + ".partial", size=size)
+        os.replace(path + ".partial", path) if not os.path.exists(path) else None
+        print(f"  made {size} checkpoint in {now() - t0:.1f} s: {path}")
+    return path
+
+
+def gen(model, width, height, **kw):
+    import nextstep_core as ns
+
+    kw.setdefault("fast", "eager")
+    cond = ns.Conditioning([PROMPT], negative_prompt=NEGATIVE)
+    return ns.sample(model, cond, width=width, height=height, cfg=7.5, steps=kw.pop("steps", 50), seed=kw.pop("seed", SEED),
+                     noise="independent", **kw)
+
+
+# ---------------------------------------------------------------------------------------------------- sections
+
+def bench_head(a, ck, R):
+    import torch
+
+    import nextstep_core as ns
+    from nextstep_core.sampling import Guidance, sample_token, time_grid
+
+    model = ns.load_model(ck, dtype="bfloat16")
+    cfg = model.config
+    g = torch.Generator().manual_seed(123)
+    with torch.inference_mode():
+        cc = model.image_out_projector(torch.randn(2, cfg.hidden_size, generator=g).to(torch.bfloat16))
+    noise = torch.randn(50, 1, cfg.token_dim, generator=g)
+    grid = time_grid(50, 1.0, cfg.family)
+    guide = Guidance(2, 7.5, 1.0)
+    sampler = ns.family_defaults(cfg.family)["sampler"]
+    outs = {}
+
+    def head(hoist):
+        def f():
+            with torch.inference_mode():
+                outs[hoist] = sample_token(model.image_head, cc, noise, grid, guide, sampler, cfg.family, hoist)
+        return f
+
+    head(False)(), head(True)()  # warm-up
+    print("  head alone: sample_token, 50 steps, 2 guidance rows")
+    ht = interleave({"head plain": head(False), "head hoisted": head(True)}, a.head_reps)
+    w, h = a.width, a.height
+    n_tok = (w // 16) * (h // 16)
+    gen(model, 16, 16, hoist=False), gen(model, 16, 16, hoist=True)  # warm-up
+    res = {}
+
+    def g_run(hoist):
+        def f():
+            res[hoist] = gen(model, w, h, hoist=hoist)
+        return f
+
+    print(f"  whole generation {w}x{h} ({n_tok} tokens), eager")
+    gt = interleave({"gen plain": g_run(False), "gen hoisted": g_run(True)}, R)
+    out = {
+        "tokens": n_tok,
+        "head_plain_s": summary(ht["head plain"]), "head_hoisted_s": summary(ht["head hoisted"]),
+        "head_plain_tok_s": 1 / med(ht["head plain"]), "head_hoisted_tok_s": 1 / med(ht["head hoisted"]),
+        "head_speedup": med(ht["head plain"]) / med(ht["head hoisted"]),
+        "gen_plain_s": summary(gt["gen plain"]), "gen_hoisted_s": summary(gt["gen hoisted"]),
+        "gen_plain_tok_s": n_tok / med(gt["gen plain"]), "gen_hoisted_tok_s": n_tok / med(gt["gen hoisted"]),
+        "gen_speedup": med(gt["gen plain"]) / med(gt["gen hoisted"]),
+        "head_hoist_vs_plain_rel_err": rel_err(outs[True], outs[False]),
+        "gen_hoist_vs_plain_tokens_rel_err": rel_err(res[True].tokens, res[False].tokens),
+    }
+    print(table([["head alone (sample_token)", out["head_plain_tok_s"], out["head_hoisted_tok_s"], out["head_speedup"]],
+                 ["whole generation", out["gen_plain_tok_s"], out["gen_hoisted_tok_s"], out["gen_speedup"]]],
+                ["medium, 50 steps, cfg 7.5", "plain tok/s", "hoisted tok/s", "hoisted/plain"]))
+    print(f"  hoisted vs plain: head output rel err {fmt(out['head_hoist_vs_plain_rel_err'])}, "
+          f"generated tokens rel err {fmt(out['gen_hoist_vs_plain_tokens_rel_err'])}")
+    return out
+
+
+def bench_fast(a, cks, R):
+    import nextstep_core as ns
+
+    out = {}
+    rows = []
+    for size, ck in cks.items():
+        model = ns.load_model(ck, dtype="bfloat16")
+        w, h = a.width, a.height
+        n_tok = (w // 16) * (h // 16)
+        gen(model, 16, 16, fast="eager"), gen(model, 16, 16, fast="static")
+        res = {}
+
+        def run(mode):
+            def f():
+                res[mode] = gen(model, w, h, fast=mode)
+            return f
+
+        print(f"  {size}: {w}x{h} ({n_tok} tokens), hoisted head")
+        reps = R if size != "tiny" else max(R, 5)
+        t = interleave({f"{size} eager": run("eager"), f"{size} static": run("static")}, reps)
+        e, s = med(t[f"{size} eager"]), med(t[f"{size} static"])
+        out[size] = {"tokens": n_tok, "eager_s": summary(t[f"{size} eager"]), "static_s": summary(t[f"{size} static"]),
+                     "eager_tok_s": n_tok / e, "static_tok_s": n_tok / s, "static_over_eager_speed": e / s,
+                     "tokens_rel_err": rel_err(res["static"].tokens, res["eager"].tokens),
+                     "tokens_max_abs": max_abs(res["static"].tokens, res["eager"].tokens)}
+        rows.append([size, n_tok / e, n_tok / s, e / s, out[size]["tokens_max_abs"]])
+        del model
+    print(table(rows, ["checkpoint", "eager tok/s", "static tok/s", "static/eager speed", "max |dtoken|"]))
+    return out
+
+
+CHILD_GEN = "child-gen"
+
+
+def child_gen(path: str, width: int, height: int) -> None:
+    """Fresh-process probe: load a model (or nothing) and generate; print VmHWM etc. as one JSON line."""
+    import torch  # noqa: F401
+
+    import nextstep_core as ns
+
+    out = {"vmhwm_import": proc_status("VmHWM")}
+    if path != "none":
+        model = ns.load_model(path, dtype="bfloat16")
+        out["weights"] = weight_bytes(model)
+        out["vmhwm_load"] = proc_status("VmHWM")
+        out["rss_after_load"] = proc_status("VmRSS")
+        t0 = now()
+        gen(model, width, height)
+        out["gen_s"] = now() - t0
+    out["vmhwm"] = proc_status("VmHWM")
+    print(json.dumps(out))
+
+
+def bench_quant(a, ck, R, cache, tiny):
+    import torch
+
+    import nextstep_core as ns
+    from nextstep_core.convert import convert
+
+    files = {}
+    for fmt_ in ("bf16", "fp8", "int8"):
+        dst = os.path.join(cache, f"{os.path.basename(ck)}-{fmt_}.safetensors")
+        t0 = now()
+        convert(ck, dst, fmt_)
+        files[fmt_] = dst
+        print(f"  converted {fmt_} in {now() - t0:.1f} s ({os.path.getsize(dst) / 1e6:.1f} MB file)")
+    models = {k: ns.load_model(p, dtype="bfloat16") for k, p in files.items()}
+    vae = ns.load_vae(os.path.join(ck, "vae"), dtype="float32")
+    w, h = a.width, a.height
+    n_tok = (w // 16) * (h // 16)
+    for m in models.values():
+        gen(m, 16, 16)
+    res = {}
+
+    def run(k):
+        def f():
+            res[k] = gen(models[k], w, h)
+        return f
+
+    print(f"  {w}x{h} ({n_tok} tokens), eager, hoisted head")
+    t = interleave({k: run(k) for k in models}, R)
+    # error vs bf16: velocity on a fixed input, tokens and decoded images on the same noise
+    cfg = models["bf16"].config
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4, cfg.token_dim, generator=g)
+    c = torch.randn(4, cfg.hidden_size, generator=g)
+    ref32 = ns.load_model(ck, dtype="float32")
+    with torch.inference_mode():
+        v32 = ref32.image_head.velocity(x, 0.5, c)
+        vel = {k: m.image_head.velocity(x, 0.5, c.to(torch.bfloat16)) for k, m in models.items()}
+        imgs = {k: ns.decode_latents(vae, r.latents) for k, r in res.items()}
+    del ref32
+    base = {}
+    rows = []
+    out = {"tokens": n_tok, "velocity_bf16_vs_fp32_rel_err": rel_err(vel["bf16"], v32)}
+    print("  peak RSS probes (fresh subprocess each)")
+    # the baseline: the same probe on the tiny checkpoint (<1 MB of weights): interpreter, torch, tokenizer, kernels
+    base = run_child([__file__, CHILD_GEN, tiny, str(w), str(h)])
+    print(f"    baseline (same probe, tiny checkpoint): VmHWM {mb(base['vmhwm']):.0f} MB")
+    for k in models:
+        child = run_child([__file__, CHILD_GEN, files[k], str(w), str(h)])
+        print(f"    {k}: VmHWM {mb(child['vmhwm']):.0f} MB (after load {mb(child['vmhwm_load']):.0f} MB)")
+        out[k] = {"gen_s": summary(t[k]), "tok_s": n_tok / med(t[k]), "weights": weight_bytes(models[k]),
+                  "file_bytes": os.path.getsize(files[k]), "vmhwm": child["vmhwm"], "vmhwm_load": child["vmhwm_load"],
+                  "vmhwm_minus_interp": child["vmhwm"] - base["vmhwm"],
+                  "velocity_rel_err_vs_bf16": rel_err(vel[k], vel["bf16"]),
+                  "velocity_rel_err_vs_fp32": rel_err(vel[k], v32),
+                  "tokens_rel_err_vs_bf16": rel_err(res[k].tokens, res["bf16"].tokens),
+                  "image_rel_err_vs_bf16": rel_err(imgs[k], imgs["bf16"]),
+                  "image_psnr_vs_bf16_db": psnr(imgs[k], imgs["bf16"])}
+    out["interp_vmhwm"] = base["vmhwm"]
+    b = out["bf16"]
+    for k in models:
+        o = out[k]
+        o["speed_vs_bf16"] = o["tok_s"] / b["tok_s"]
+        o["weights_vs_bf16"] = o["weights"] / b["weights"]
+        o["vmhwm_vs_bf16"] = o["vmhwm"] / b["vmhwm"]
+        o["vmhwm_minus_interp_vs_bf16"] = o["vmhwm_minus_interp"] / b["vmhwm_minus_interp"]
+        rows.append([k, o["tok_s"], o["speed_vs_bf16"], mb(o["weights"]), o["weights_vs_bf16"], mb(o["vmhwm"]),
+                     o["vmhwm_vs_bf16"], o["vmhwm_minus_interp_vs_bf16"], o["velocity_rel_err_vs_bf16"],
+                     o["tokens_rel_err_vs_bf16"], o["image_rel_err_vs_bf16"]])
+    print(table(rows, ["weights", "tok/s", "speed/bf16", "weights MB", "w/bf16", "peak RSS MB", "RSS/bf16",
+                       "(RSS-base)/bf16", "vel err", "token err", "image err"]))
+    print(f"  for scale: bf16 vs fp32 velocity rel err {fmt(out['velocity_bf16_vs_fp32_rel_err'])}")
+    del models
+    return out
+
+
+def bench_batch(a, ck, R):
+    import nextstep_core as ns
+
+    model = ns.load_model(ck, dtype="bfloat16")
+    w, h = a.width, a.height
+    n_tok = (w // 16) * (h // 16)
+    gen(model, 16, 16), gen(model, 16, 16, images_per_prompt=4)
+    res = {}
+
+    def run(n):
+        def f():
+            res[n] = gen(model, w, h, images_per_prompt=n)
+        return f
+
+    print(f"  {w}x{h} ({n_tok} tokens per image), eager, hoisted head")
+    t = interleave({"1 image": run(1), "4 images": run(4)}, R)
+    t1, t4 = med(t["1 image"]), med(t["4 images"])
+    out = {"tokens": n_tok, "one_s": summary(t["1 image"]), "four_s": summary(t["4 images"]),
+           "one_tok_s_per_image": n_tok / t1, "four_tok_s_per_image": n_tok / t4,
+           "one_s_per_image": t1, "four_s_per_image": t4 / 4, "four_over_one_time": t4 / t1,
+           "throughput_gain": 4 * t1 / t4,
+           "first_image_rel_err": rel_err(res[4].tokens[:1], res[1].tokens)}
+    print(table([["1 image", t1, t1, n_tok / t1, 1.0], ["4 images", t4, t4 / 4, 4 * n_tok / t4, 4 * t1 / t4]],
+                ["images per prompt", "s per pass", "s per image", "image tok/s", "throughput vs 1"]))
+    print(f"  4 images take {fmt(t4 / t1)}x the time of one; image 0 of the batch vs the single run: rel err "
+          f"{fmt(out['first_image_rel_err'])}")
+    return out
+
+
+def bench_anneal(a, ck, R):
+    import nextstep_core as ns
+
+    model = ns.load_model(ck, dtype="bfloat16")
+    w, h = a.width, a.height
+    n_tok = (w // 16) * (h // 16)
+    gen(model, 16, 16), gen(model, 16, 16, steps_end=5)
+    res = {}
+
+    def run(end):
+        def f():
+            res[end] = gen(model, w, h, steps_end=end)
+        return f
+
+    print(f"  {w}x{h} ({n_tok} tokens), eager, hoisted head")
+    t = interleave({"50 steps": run(None), "50->5 annealed": run(5)}, R)
+    other_seed = gen(model, w, h, seed=SEED + 1)
+    t50, tan = med(t["50 steps"]), med(t["50->5 annealed"])
+    out = {"tokens": n_tok, "steps50_s": summary(t["50 steps"]), "anneal_s": summary(t["50->5 annealed"]),
+           "steps50_tok_s": n_tok / t50, "anneal_tok_s": n_tok / tan, "anneal_speedup": t50 / tan,
+           "anneal_tokens_rel_err": rel_err(res[5].tokens, res[None].tokens),
+           "other_seed_tokens_rel_err": rel_err(other_seed.tokens, res[None].tokens)}
+    print(table([["50 steps", n_tok / t50, 1.0, 0.0], ["50->5", n_tok / tan, t50 / tan, out["anneal_tokens_rel_err"]]],
+                ["head steps", "tok/s", "speed vs 50", "token rel diff vs 50"]))
+    print(f"  for scale: a different seed at 50 steps differs by {fmt(out['other_seed_tokens_rel_err'])}")
+    return out
+
+
+CONVERT_CHILD = r"""
+import json, runpy, sys
+sys.argv = ["nextstep_core", "convert", SRC, DST, "--dtype", "bf16"]
+try:
+    runpy.run_module("nextstep_core", run_name="__main__", alter_sys=True)
+except SystemExit as e:
+    if e.code not in (0, None):
+        raise
+def f(name):
+    for line in open("/proc/self/status"):
+        if line.startswith(name + ":"):
+            return int(line.split()[1]) * 1024
+print(json.dumps({"vmhwm": f("VmHWM")}))
+"""
+IMPORT_CHILD = r"""
+import json
+import nextstep_core.cli, nextstep_core.convert
+for line in open("/proc/self/status"):
+    if line.startswith("VmHWM:"):
+        print(json.dumps({"vmhwm": int(line.split()[1]) * 1024}))
+"""
+
+
+def bench_convert(a, ck, cache):
+    from safetensors import safe_open
+
+    fp32 = bf16_all = bf16_gen = 0
+    for f in sorted(os.listdir(ck)):
+        if f.endswith(".safetensors"):
+            with safe_open(os.path.join(ck, f), "pt") as s:
+                for k in s.keys():
+                    n = 1
+                    for d in s.get_slice(k).get_shape():
+                        n *= d
+                    fp32 += 4 * n
+                    bf16_all += 2 * n
+                    bf16_gen += 0 if k.startswith("lm_head.") else 2 * n
+    dst = os.path.join(cache, "convert-probe-bf16.safetensors")
+    code = CONVERT_CHILD.replace("SRC", repr(ck)).replace("DST", repr(dst))
+    t0 = now()
+    child = run_child(["-c", code])
+    secs = now() - t0
+    base = run_child(["-c", IMPORT_CHILD])
+    out_bytes = os.path.getsize(dst)
+    os.remove(dst)
+    goal = 1.1 * bf16_all + 300e6
+    out = {"fp32_bytes": fp32, "bf16_bytes": bf16_all, "bf16_bytes_without_lm_head": bf16_gen,
+           "output_bytes": out_bytes, "vmhwm": child["vmhwm"], "interp_vmhwm": base["vmhwm"], "seconds": secs,
+           "goal_bytes": goal, "vmhwm_over_goal": child["vmhwm"] / goal,
+           "vmhwm_over_bf16": child["vmhwm"] / bf16_all,
+           "vmhwm_minus_interp_over_bf16": (child["vmhwm"] - base["vmhwm"]) / bf16_all}
+    print(table([["fp32 shards in", mb(fp32)], ["bf16 weight bytes", mb(bf16_all)], ["output file", mb(out_bytes)],
+                 ["goal 1.1x bf16 + 300 MB", mb(goal)], ["converter peak RSS (VmHWM)", mb(child["vmhwm"])],
+                 ["  of which interpreter + imports", mb(base["vmhwm"])]], ["converter, medium", "MB"]))
+    print(f"  peak RSS / goal = {fmt(out['vmhwm_over_goal'])}; (peak - interpreter) / bf16 bytes = "
+          f"{fmt(out['vmhwm_minus_interp_over_bf16'])}; {secs:.1f} s")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+SECTIONS = ("head", "fast", "quant", "batch", "anneal", "convert")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == CHILD_GEN:
+        child_gen(argv[1], int(argv[2]), int(argv[3]))
+        return 0
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run: small checkpoint, 4 tokens, 1 round")
+    p.add_argument("--json", help="write every number to this JSON file")
+    p.add_argument("--cache", default=os.environ.get("NEXTSTEP_BENCH_CACHE",
+                                                     os.path.join(tempfile.gettempdir(), "nextstep-bench")),
+                   help="folder for the random checkpoints (outside the repo)")
+    p.add_argument("--size", default=None, help="main checkpoint size (default medium; small with --quick)")
+    p.add_argument("--width", type=int, default=None, help="image width (default 128; 32 with --quick)")
+    p.add_argument("--height", type=int, default=None, help="image height (default 64; 32 with --quick)")
+    p.add_argument("--reps", type=int, default=None, help="rounds per comparison (default 3; 1 with --quick)")
+    p.add_argument("--head-reps", type=int, default=None, help="rounds of the head-alone timing (default 7)")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of sections: {','.join(SECTIONS)}")
+    a = p.parse_args(argv)
+    a.size = a.size or ("small" if a.quick else "medium")
+    a.width = a.width or (32 if a.quick else 128)
+    a.height = a.height or (32 if a.quick else 64)
+    R = a.reps or (1 if a.quick else 3)
+    a.head_reps = a.head_reps or (2 if a.quick else 7)
+    only = [s.strip() for s in a.only.split(",") if s.strip()]
+    os.makedirs(a.cache, exist_ok=True)
+    if os.path.abspath(a.cache).startswith(REPO + os.sep):
+        print("warning: the cache folder is inside the repo", file=sys.stderr)
+    results = {"env": env_info(), "settings": {"size": a.size, "width": a.width, "height": a.height, "reps": R,
+                                               "head_reps": a.head_reps, "steps": 50, "cfg": 7.5, "seed": SEED,
+                                               "noise": "independent", "prompt": PROMPT, "negative": NEGATIVE}}
+    print(f"# NextStep CPU bench  {results['env']['date']}  torch {results['env']['torch']}  "
+          f"{results['env']['threads']} threads  {results['env']['cpu']}")
+    t_all = now()
+    ck = checkpoint(a.cache, a.size)
+    cks = {"tiny": checkpoint(a.cache, "tiny"), a.size: ck}
+    for name in only:
+        print(f"\n## {name}")
+        t0 = now()
+        try:
+            if name == "head":
+                results[name] = bench_head(a, ck, R)
+            elif name == "fast":
+                results[name] = bench_fast(a, cks, R)
+            elif name == "quant":
+                results[name] = bench_quant(a, ck, R, a.cache, cks["tiny"])
+            elif name == "batch":
+                results[name] = bench_batch(a, ck, R)
+            elif name == "anneal":
+                results[name] = bench_anneal(a, ck, R)
+            elif name == "convert":
+                results[name] = bench_convert(a, ck, a.cache)
+            else:
+                raise ValueError(f"unknown section {name}")
+        except Exception as e:  # keep the other sections' numbers
+            traceback.print_exc()
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+        results.setdefault(name, {})["section_seconds"] = now() - t0
+        print(f"  ({now() - t0:.0f} s)")
+        if a.json:
+            dump_json(a.json, results)
+    results["total_seconds"] = now() - t_all
+    print(f"\ntotal {results['total_seconds']:.0f} s")
+    summary_rows = []
+    r = results
+    if "head_speedup" in r.get("head", {}):
+        summary_rows += [["hoisted / plain head, head alone (tok/s)", r["head"]["head_speedup"]],
+                         ["hoisted / plain head, whole generation (tok/s)", r["head"]["gen_speedup"]]]
+    for size, o in r.get("fast", {}).items():
+        if isinstance(o, dict) and "static_over_eager_speed" in o:
+            summary_rows.append([f"static / eager speed ({size})", o["static_over_eager_speed"]])
+    if "bf16" in r.get("quant", {}):
+        for k in ("fp8", "int8"):
+            q = r["quant"][k]
+            summary_rows += [[f"{k} / bf16 speed", q["speed_vs_bf16"]], [f"{k} / bf16 weight bytes", q["weights_vs_bf16"]],
+                             [f"{k} / bf16 peak RSS", q["vmhwm_vs_bf16"]],
+                             [f"{k} / bf16 peak RSS minus interpreter", q["vmhwm_minus_interp_vs_bf16"]]]
+    if "throughput_gain" in r.get("batch", {}):
+        summary_rows += [["4 images / 1 image, time per pass", r["batch"]["four_over_one_time"]],
+                         ["4 images / 1 image, per-image throughput", r["batch"]["throughput_gain"]]]
+    if "anneal_speedup" in r.get("anneal", {}):
+        summary_rows.append(["annealed 50->5 / 50 steps speed", r["anneal"]["anneal_speedup"]])
+    if "vmhwm_over_goal" in r.get("convert", {}):
+        summary_rows.append(["converter peak RSS / (1.1 x bf16 + 300 MB)", r["convert"]["vmhwm_over_goal"]])
+    if summary_rows:
+        print("\n## ratios\n" + table(summary_rows, ["ratio", "value"]))
+    if a.json:
+        dump_json(a.json, results)
+        print(f"wrote {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
