@@ -11,7 +11,8 @@ This package never imports ComfyUI; the node pack next to it is a thin face over
 from .config import FAMILIES, FAMILY_V1, FAMILY_V1_1, ModelConfig, VAEConfig
 from .errors import CheckpointError, GenerationCancelled, NextStepError
 from .generation import (EDIT_DEFAULTS, NOISE_MODES, Conditioning, SampleResult, decode_latents, encode_edit_images,
-                       encode_latents, estimate_memory_bytes, family_defaults, sample, tokens_to_latents)
+                       encode_latents, estimate_memory_bytes, family_defaults, guidance_branches, sample,
+                         tokens_to_latents)
 from .loading import find_vae_for_model, load_model, load_vae
 from .model import NextStep
 from .pipeline import GenerationResult, generate
@@ -22,7 +23,8 @@ __all__ = [
     "AutoEncoder", "CFG_SCHEDULES", "CheckpointError", "Conditioning", "EDIT_DEFAULTS", "FAMILIES", "FAMILY_V1",
     "FAMILY_V1_1", "GenerationCancelled", "GenerationResult", "ModelConfig", "NOISE_MODES", "NextStep",
     "NextStepError", "SAMPLERS", "SampleResult", "VAEConfig", "decode_latents", "encode_edit_images",
-    "encode_latents", "estimate_memory_bytes", "family_defaults", "find_vae_for_model", "generate", "load_model",
+    "encode_latents", "estimate_memory_bytes", "family_defaults", "find_vae_for_model", "generate", "guidance_branches",
+    "load_model",
     "load_vae", "sample", "tokens_to_latents",
 ]
 __version__ = "0.1.0"

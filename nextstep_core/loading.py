@@ -156,8 +156,9 @@ def set_tensor(module: nn.Module, key: str, value: torch.Tensor) -> None:
 
 
 def stream_into(module: nn.Module, src: Source, keys: list[str], dtype: torch.dtype, device,
-                keep_dtype=lambda key, t: False) -> None:
-    """Read each key from its file, cast (unless `keep_dtype`), place, and assign it into `module`."""
+                keep_dtype=lambda key, t: False, quantize: str | None = None) -> None:
+    """Read each key from its file, cast (unless `keep_dtype`) or quantise, place, and assign it into `module`."""
+    from .quant import quantize_weight, should_quantize
     from .st_io import TensorReader
 
     readers = {}
@@ -171,6 +172,11 @@ def stream_into(module: nn.Module, src: Source, keys: list[str], dtype: torch.dt
         except Exception as e:
             raise CheckpointError(f"{fpath}: reading {k} failed ({e}); the file is truncated or corrupt, download it "
                                   "again.") from None
+        if quantize and should_quantize(k) and t.element_size() > 1:
+            q, scale = quantize_weight(t.to(device), quantize)
+            set_tensor(module, k, q)
+            set_tensor(module, k[: -len("weight")] + "weight_scale", scale)
+            continue
         if t.is_floating_point() and not keep_dtype(k, t):
             t = t.to(dtype)
         set_tensor(module, k, t.to(device))
@@ -294,12 +300,13 @@ def load_tokenizer(src: Source):
 
 
 def load_model(path: str, dtype="bfloat16", device=None, operations=None, attn_backend: str = "sdpa",
-               load_lm_head: bool = False):
+               load_lm_head: bool = False, quantize: str | None = None):
     """Load a NextStep AR model (decoder, projectors, flow-matching head) and its tokenizer.
 
     `operations` supplies the layer classes (Linear, Embedding, LayerNorm; default torch.nn). The LM head is
     skipped unless `load_lm_head`, since image generation never reads it. Weights stored in fp8/int8 by
-    `convert` stay in that format and are dequantised on the fly.
+    `convert` stay in that format; `quantize="fp8"|"int8"` quantises a bf16/fp32 checkpoint the same way while
+    loading (tensor by tensor, so the unquantised model is never in memory). `dtype` is the compute dtype.
     """
     from .model import NextStep
     from .quant import QUANT_SUFFIXES, quantized_operations
@@ -318,6 +325,12 @@ def load_model(path: str, dtype="bfloat16", device=None, operations=None, attn_b
     tok = load_tokenizer(src)
     tok.check_against(cfg, src.path)
     quant = src.metadata.get("nextstep_quant")
+    if quantize is not None and quant is not None and quantize != quant:
+        raise NextStepError(f"{src.path} is already quantised as {quant}; it cannot be loaded as {quantize}.")
+    if quantize is not None and quantize not in ("fp8", "int8"):
+        raise NextStepError(f"unknown quantisation {quantize!r}; use fp8 or int8.")
+    quantize = None if quant else quantize
+    quant = quant or quantize
     ops = quantized_operations(quant, operations) if quant else operations
     with torch.device("meta"):
         model = NextStep(cfg, ops, attn_backend, with_lm_head=load_lm_head)
@@ -331,7 +344,7 @@ def load_model(path: str, dtype="bfloat16", device=None, operations=None, attn_b
     keys = [k for k in expected if k in src.shapes]
     keys += [k for k in src.shapes if k.endswith(QUANT_SUFFIXES) and k.rsplit(".", 1)[0] + ".weight" in expected]
     stream_into(model, src, keys, dtype, device, keep_dtype=lambda k, t: k.endswith(QUANT_SUFFIXES)
-                or (quant is not None and t.element_size() == 1))
+                or (quant is not None and t.element_size() == 1), quantize=quantize)
     if cfg.use_gen_pos_embed and "gen_pos_embed" not in src.shapes:
         from .model import sincos_2d_table
 

@@ -34,7 +34,8 @@ class NextStepSampler:
             "cfg_img": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 30.0, "step": 0.1, "round": 0.01,
                                   "tooltip": "Image guidance when editing (2.0 for NextStep-1-Large-Edit); 1 = off."}),
             "cfg_schedule": (list(ns.CFG_SCHEDULES), {"default": "constant",
-                             "tooltip": "How guidance changes over the tokens: constant, or ramping up (linear)."}),
+                             "tooltip": "How guidance changes over the tokens: constant, or linear "
+                                        "(NextStep-1: decays from cfg towards 1; NextStep-1.1: rises from cfg/2)."}),
             "timesteps_shift": ("FLOAT", {"default": 1.0, "min": 0.1, "max": 10.0, "step": 0.1, "round": 0.01,
                                 "tooltip": "Shifts the head's time grid toward noise; 1.0 for text-to-image, "
                                            "3.2 for editing."}),
@@ -44,7 +45,8 @@ class NextStepSampler:
                         "tooltip": "The flow-matching head's sampler. auto: the model family's reference sampler "
                                    "(euler_maruyama for NextStep-1, flow_sde for 1.1); euler is deterministic."}),
             "use_norm": ("BOOLEAN", {"default": True,
-                                     "tooltip": "Layer-normalize each sampled token, as the reference does."}),
+                                     "tooltip": "Layer-normalize each sampled token: on in NextStep-1's examples, "
+                                                "off in NextStep-1.1's."}),
         }}
 
     @classmethod

@@ -89,3 +89,16 @@ def test_fp8_matmul_path_matches_the_dequantised_product():
     slow = torch.nn.functional.linear(x, dequantize_weight(q, s, torch.bfloat16), b.bfloat16())
     assert fast.shape == (5, 1, 48)
     assert ((fast.float() - slow.float()).norm() / slow.float().norm()) < 0.06
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_quantising_at_load_time_equals_a_converted_file(tiny_dir, tmp_path, fmt):
+    a = ns.load_model(tiny_dir, dtype="bfloat16", quantize=fmt)
+    b = ns.load_model(convert(tiny_dir, str(tmp_path / "q.safetensors"), fmt), dtype="bfloat16")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k].float(), sb[k].float()), k
+    assert a.layers[0].self_attn.q_proj.weight.element_size() == 1
+    with pytest.raises(ns.NextStepError, match="already quantised as " + fmt):
+        ns.load_model(str(tmp_path / "q.safetensors"), quantize="int8" if fmt == "fp8" else "fp8")

@@ -110,6 +110,17 @@ def test_text_to_image_chain(pack):
     assert images.shape == (2, 48, 32, 3) and 0 <= images.min() and images.max() <= 1
 
 
+@pytest.mark.parametrize("weight_dtype", ["fp8", "int8"])
+def test_quantised_weight_dtypes(pack, weight_dtype):
+    model = node(pack, "NextStepModelLoader").load("NextStep-1.1", weight_dtype, "sdpa", False)[0]
+    assert model.module.quant == weight_dtype
+    assert model.module.layers[0].mlp.up_proj.weight.element_size() == 1
+    cond = node(pack, "NextStepTextEncode").encode("a cat", "", "")[0]
+    latent = node(pack, "NextStepSampler").sample(model, cond, 1, 32, 32, 1, 3.0, 1.0, "constant", 1.0, 2, "auto",
+                                                  False)[0]
+    assert torch.isfinite(latent["samples"]).all()
+
+
 def test_same_seed_same_latent(pack):
     assert torch.equal(_generate(pack, seed=9)[1]["samples"], _generate(pack, seed=9)[1]["samples"])
     assert not torch.equal(_generate(pack, seed=9)[1]["samples"], _generate(pack, seed=10)[1]["samples"])
