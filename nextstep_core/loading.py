@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import ModelConfig, VAEConfig, model_config_from_dict, read_json, vae_config_from_dict
+from .config import ModelConfig, model_config_from_dict, read_json, vae_config_from_dict
 from .errors import CheckpointError, NextStepError
 
 log = logging.getLogger("nextstep")
