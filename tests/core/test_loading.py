@@ -183,7 +183,7 @@ def test_flash_backend_without_flash_attn(tiny_dir):
 
 def test_a_flux_style_vae_file_in_the_model_slot(tiny_dir, tmp_path):
     """A bare BFL-named autoencoder file (e.g. FLUX's ae.safetensors) is recognised, not half-loaded."""
-    state = torch.load(os.path.join(tiny_dir, "vae", "checkpoint.pt"))
+    state = torch.load(os.path.join(tiny_dir, "vae", "checkpoint.pt"), weights_only=True)
     f = tmp_path / "ae.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(f))
     with pytest.raises(CheckpointError, match="is a VAE .*Load it with the VAE loader"):

@@ -43,7 +43,7 @@ def test_checkpoint_pt_and_safetensors_load_the_same(tiny_dir, tmp_path):
     d = tmp_path / "vae_st"
     d.mkdir()
     (d / "config.json").write_text(open(tiny_dir + "/vae/config.json").read())
-    save_file({k: v.contiguous() for k, v in torch.load(tiny_dir + "/vae/checkpoint.pt").items()},
+    save_file({k: v.contiguous() for k, v in torch.load(tiny_dir + "/vae/checkpoint.pt", weights_only=True).items()},
               str(d / "diffusion_pytorch_model.safetensors"))
     b = load_vae(str(d))
     for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
