@@ -22,6 +22,7 @@ from .config import read_json
 from .errors import CheckpointError
 from .loading import (META_CONFIG, META_FORMAT, META_TOKENIZER, META_TOKENIZER_CONFIG, META_VAE_CONFIG,
                       find_vae_for_model, model_source, _vae_files)
+from .prompt import Tokenizer
 from .st_io import ST_DTYPES, TensorReader
 from .quant import QUANT_FORMATS, quantize_weight, should_quantize
 
@@ -89,9 +90,9 @@ def convert(src: str, dst: str, dtype: str = "bf16", keep_lm_head: bool = False)
     if dtype in QUANT_FORMATS:
         meta["nextstep_quant"] = dtype
     if source.kind == "folder":
-        meta[META_TOKENIZER] = open(os.path.join(src, "tokenizer.json"), encoding="utf-8").read()
-        tc = os.path.join(src, "tokenizer_config.json")
-        meta[META_TOKENIZER_CONFIG] = open(tc, encoding="utf-8").read() if os.path.isfile(tc) else "{}"
+        tok = Tokenizer.from_folder(src)  # tokenizer.json with any tokens only added_tokens.json names merged in
+        meta[META_TOKENIZER] = tok.json
+        meta[META_TOKENIZER_CONFIG] = json.dumps(tok.config_dict)
         vae_dir = find_vae_for_model(src)
         if vae_dir:
             meta[META_VAE_CONFIG] = json.dumps(read_json(os.path.join(vae_dir, "config.json")))

@@ -68,3 +68,15 @@ def test_left_padding(tiny_model):
     assert b.real[0].sum() < b.real[1].sum() and bool(b.real[1].all())
     assert not bool(b.real[0, 0]) and bool(b.real[0, -1])
     assert b.input_ids[0, 0].item() == tiny_model.tokenizer.token_to_id("[PAD]")
+
+
+def test_tokens_only_named_in_added_tokens_json_are_merged(tiny_dir, tmp_path):
+    """transformers adds added_tokens.json entries on load; so does our tokenizer, at the same ids."""
+    tok_json = json.load(open(tiny_dir + "/tokenizer.json"))
+    last = max(tok_json["added_tokens"], key=lambda a: a["id"])
+    tok_json["added_tokens"].remove(last)
+    t = Tokenizer(json.dumps(tok_json), {}, {last["content"]: last["id"]})
+    assert t.token_to_id(last["content"]) == last["id"]
+    assert t.encode("x" + last["content"])[-1] == last["id"]
+    with pytest.raises(Exception, match="disagree"):
+        Tokenizer(json.dumps(tok_json), {}, {last["content"]: last["id"] + 5})
