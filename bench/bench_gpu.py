@@ -1,0 +1,385 @@
+"""GPU benchmark for issue 5, prepared for one lent H200 call (<= 10 minutes). Never a pass/fail test.
+
+    python bench/bench_gpu.py                          # on the GPU machine: real NextStep-1 geometry, random weights
+    python bench/bench_gpu.py --device cpu --size tiny # smoke test of the logic on a CPU ("graph" -> "static")
+
+Builds `NextStep(tiny_config("full"))` (hidden 5120, 48 layers, head 12 x 1536, Qwen2.5 vocab) on the meta device and
+materialises it directly on the device in bf16 with random values scaled like `testing.random_model_state` (no
+download, no checkpoint on disk). A tiny byte-level tokenizer from `testing.write_tokenizer` is attached; its special
+tokens sit at the ids `tiny_config` names. Then, at 512x512 (1024 tokens), 50 head steps, cfg 7.5 (2 guidance rows),
+noise "independent", seed 42:
+
+    bf16 eager, 1 image       a few dozen tokens timed, extrapolated to 1024
+    bf16 graph, 1 image       up to all 1024 tokens (time-capped; extrapolated if capped)
+    graph == eager            the first tokens of both runs, same noise
+    bf16 graph, 4 images      images_per_prompt=4 in one pass
+    fp8 graph, 1 image        decoder + head linears quantised in place (quant.quantize_weight, QuantLinear layout)
+    kernels                   one 5120x13824 linear at 2 rows: bf16 vs fp8-dequant vs torch._scaled_mm (if present)
+
+Per phase: seconds per image (time to first token + 1024 x the steady per-token time), tokens/s, the number of tokens
+actually timed, and peak VRAM (torch.cuda.max_memory_allocated; VmHWM on CPU). Everything goes to
+$OUT/bench_gpu.json (or --out) after every phase, so a timeout still leaves the finished phases, and is printed.
+Goals (issue 5): <= 12 s per 512^2 image in bf16 at 50 steps; <= 6 s in fp8 with <= 17 GB peak VRAM; 4 images in
+<= 1.5x the time of one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import dump_json, env_info, fmt, proc_status, rel_err, table  # noqa: E402
+
+T_START = time.perf_counter()
+QWEN_VOCAB = 152064
+
+
+def elapsed() -> float:
+    return time.perf_counter() - T_START
+
+
+def sync(dev):
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def init_(name: str, p, gen) -> None:
+    """In place, the scaling of testing.random_model_state for the tensor `name`."""
+    shape = p.shape
+    fan_in = shape[-1] if len(shape) > 1 else 1
+    p.normal_(generator=gen)
+    if name.endswith(("layernorm.weight", "norm.weight", "in_ln.weight")):
+        p.mul_(0.2).add_(1.0)
+    elif name == "image_in_projector.bias" or name == "embed_tokens.weight":
+        pass
+    elif name == "image_in_projector.weight":
+        p.mul_(0.02 / fan_in**0.5)
+    elif name.endswith(".bias"):
+        p.mul_(0.05)
+    else:
+        p.mul_(1.0 / fan_in**0.5)
+
+
+def build_model(size: str, dev, dtype, tok_dir: str):
+    """A NextStep with random weights, materialised on `dev`; its Linear layers accept fp8 weights later."""
+    import torch
+
+    from nextstep_core.model import NextStep, sincos_2d_table
+    from nextstep_core.prompt import Tokenizer
+    from nextstep_core.quant import quantized_operations
+    from nextstep_core.testing import tiny_config, write_tokenizer
+
+    cfg = tiny_config(size, vocab_size=QWEN_VOCAB if size == "full" else 320)
+    write_tokenizer(tok_dir, cfg.vocab_size)
+    tok = Tokenizer.from_folder(tok_dir)
+    tok.check_against(cfg, tok_dir)
+    with torch.device("meta"):
+        model = NextStep(cfg, quantized_operations("fp8"))  # QuantLinear == nn.Linear while weight_scale is None
+    model = model.to(dtype).to_empty(device=dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            init_(name, p, gen)
+        if model.gen_pos_embed is not None:
+            model.gen_pos_embed = sincos_2d_table(cfg.hidden_size, cfg.base_image_grid_size)[None].to(dev, dtype)
+    model.tokenizer = tok
+    model.latent_affine = (1.0, 0.0)
+    model.source_path = "random:" + size
+    model.quant = None
+    return model.eval().requires_grad_(False)
+
+
+def quantize_fp8_(model) -> int:
+    """Quantise, in place, every linear weight `quant.should_quantize` selects; returns how many."""
+    import torch
+    from torch import nn
+
+    from nextstep_core.quant import quantize_weight, should_quantize
+
+    n = 0
+    for name, mod in model.named_modules():
+        if hasattr(mod, "weight_scale") and should_quantize(name + ".weight"):
+            q, s = quantize_weight(mod.weight.data, "fp8")
+            mod.weight = nn.Parameter(q, requires_grad=False)
+            mod.weight_scale = s
+            n += 1
+    model.quant = "fp8"
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return n
+
+
+def weight_bytes(model) -> int:
+    ts = list(model.parameters()) + [b for b in model.buffers() if b is not None]
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def peak_mem(dev):
+    import torch
+
+    return torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else proc_status("VmHWM")
+
+
+def timed_sample(model, dev, fast: str, n_img: int, max_tokens: int, cap_s: float, warm: int = 2, width=512,
+                 height=512, steps=50, seed=42):
+    """Generate until `warm + max_tokens` tokens or `cap_s` seconds of steady decoding; returns timings + tokens."""
+    import torch
+
+    import nextstep_core as ns
+    from nextstep_core.errors import GenerationCancelled
+
+    d = ns.family_defaults(model.config.family)
+    cond = ns.Conditioning(["a red fox in the snow, film grained"], positive_prompt=d["positive_prompt"],
+                           negative_prompt=d["negative_prompt"])
+    st = {"t0": None, "first": None, "t_start": None, "t_end": None, "done": 0, "stop": False, "tokens": None,
+          "n_start": warm}
+    total = (width // 16) * (height // 16)
+    warm = min(warm, total - 1)
+    st["n_start"] = warm
+
+    def progress(done, tot, toks):
+        now = time.perf_counter()
+        if st["first"] is None:
+            sync(dev)
+            st["first"] = time.perf_counter()
+        if done == warm:
+            sync(dev)
+            st["t_start"] = time.perf_counter()
+        elif done > warm and (done - warm >= max_tokens or now - st["t_start"] >= cap_s or done == tot):
+            sync(dev)
+            st["t_end"] = time.perf_counter()
+            st["done"] = done
+            st["stop"] = True
+            st["tokens"] = toks.float().cpu().clone()
+
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+    sync(dev)
+    st["t0"] = time.perf_counter()
+    finished = True
+    try:
+        res = ns.sample(model, cond, width=width, height=height, images_per_prompt=n_img, cfg=7.5, steps=steps,
+                        seed=seed, noise="independent", progress=progress, should_cancel=lambda: st["stop"],
+                        fast=fast)
+        sync(dev)
+        if st["tokens"] is None:
+            st["tokens"] = res.tokens
+    except GenerationCancelled:
+        finished = False
+    t_wall = time.perf_counter() - st["t0"]
+    n = st["done"] - warm
+    per_tok = (st["t_end"] - st["t_start"]) / n
+    ttft = st["first"] - st["t0"]  # prefill (+ graph capture) + the first token
+    return {"fast": fast, "images": n_img, "tokens_total": total, "tokens_timed": n, "warm_tokens": warm,
+            "finished_all_tokens": finished and st["done"] == total, "extrapolated": st["done"] < total,
+            "s_per_token": per_tok, "tokens_per_s": 1 / per_tok, "image_tokens_per_s": n_img / per_tok,
+            "first_token_s": ttft, "s_per_pass": ttft + (total - 1) * per_tok,
+            "s_per_image": (ttft + (total - 1) * per_tok) / n_img, "wall_s": t_wall,
+            "peak_mem_bytes": peak_mem(dev), "_tokens": st["tokens"]}
+
+
+def kernel_bench(dev, dtype, reps: int = 50):
+    """One decoder-sized linear (5120 -> 13824) at 2 rows: bf16, the engine's fp8 dequant path, _scaled_mm."""
+    import torch
+    import torch.nn.functional as F
+
+    from nextstep_core.quant import dequantize_weight, quantize_weight
+
+    out = {}
+    w = torch.randn(13824, 5120, device=dev, dtype=dtype) / 5120**0.5
+    x = torch.randn(2, 5120, device=dev, dtype=dtype)
+    q, s = quantize_weight(w, "fp8")
+
+    def t(f):
+        for _ in range(3):
+            f()
+        sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            f()
+        sync(dev)
+        return (time.perf_counter() - t0) / reps
+
+    out["bf16_linear_us"] = 1e6 * t(lambda: F.linear(x, w))
+    out["fp8_dequant_linear_us"] = 1e6 * t(lambda: F.linear(x, dequantize_weight(q, s, dtype)))
+    out["bytes_bf16"] = w.numel() * 2
+    out["bf16_GBps"] = out["bytes_bf16"] / out["bf16_linear_us"] / 1e3
+    if dev.type == "cuda" and hasattr(torch, "_scaled_mm"):
+        try:
+            xp = torch.zeros(16, 5120, device=dev, dtype=dtype)  # _scaled_mm wants dims that are multiples of 16
+            xp[:2] = x
+            amax = xp.abs().amax().float().clamp(min=1e-12)
+            sa = (amax / 448.0).reshape(())
+            xq = (xp.float() / sa).to(torch.float8_e4m3fn)
+            wq_t = q.t()  # [in, out], column-major as _scaled_mm wants for its second operand
+            sb = s.amax().float().reshape(())  # one scale (the per-channel scales would need rowwise support)
+            out["scaled_mm_us"] = 1e6 * t(lambda: torch._scaled_mm(xq, wq_t, scale_a=sa, scale_b=sb, out_dtype=dtype))
+        except Exception as e:  # noqa: BLE001
+            out["scaled_mm_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--size", default="full", help="testing.SIZES key (full = real NextStep-1 geometry)")
+    p.add_argument("--out", default=None, help="JSON path (default $OUT/bench_gpu.json, else ./bench_gpu.json)")
+    p.add_argument("--budget", type=float, default=540.0, help="seconds for the whole script (default 540)")
+    p.add_argument("--eager-tokens", type=int, default=None, help="tokens timed in eager mode (default 24; 6 on CPU)")
+    p.add_argument("--phase-cap", type=float, default=None, help="max seconds of steady decoding per phase "
+                   "(default 75 on CUDA, 10 on CPU)")
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--height", type=int, default=512)
+    a = p.parse_args(argv)
+
+    import torch
+
+    dev = torch.device(a.device)
+    cuda = dev.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        print("no CUDA device here; use --device cpu --size tiny for the smoke test", file=sys.stderr)
+        return 2
+    graph_mode = "graph" if cuda else "static"
+    eager_tokens = a.eager_tokens or (24 if cuda else 6)
+    cap = a.phase_cap or (75.0 if cuda else 10.0)
+    out_path = a.out or os.path.join(os.environ.get("OUT") or ".", "bench_gpu.json")
+    dtype = torch.bfloat16
+    R = {"env": env_info(), "settings": {"device": str(dev), "size": a.size, "width": a.width, "height": a.height,
+                                        "steps": 50, "cfg": 7.5, "rows_per_image": 2, "seed": 42,
+                                        "noise": "independent", "graph_mode": graph_mode, "budget_s": a.budget,
+                                        "eager_tokens": eager_tokens, "phase_cap_s": cap},
+         "phases": {}, "notes": []}
+    if cuda:
+        R["env"]["gpu"] = torch.cuda.get_device_name(dev)
+        R["env"]["cuda"] = torch.version.cuda
+    else:
+        R["notes"].append("CPU smoke run: 'graph' is replaced by 'static' (the same fixed-shape step, not captured); "
+                          "peak memory is the process VmHWM, not VRAM. These numbers mean nothing for the GPU goals.")
+
+    def save():
+        dump_json(out_path, R)
+
+    def left() -> float:
+        return a.budget - elapsed()
+
+    def phase(name, fn, need_s):
+        if left() < need_s:
+            R["phases"][name] = {"skipped": f"{left():.0f} s left of the budget, phase needs ~{need_s:.0f} s"}
+            print(f"[{elapsed():6.1f}s] skip {name}: budget", flush=True)
+            save()
+            return None
+        print(f"[{elapsed():6.1f}s] {name} ...", flush=True)
+        try:
+            r = fn()
+        except Exception as e:  # noqa: BLE001 - keep the other phases
+            traceback.print_exc()
+            r = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+            if cuda:
+                torch.cuda.empty_cache()
+        R["phases"][name] = {k: v for k, v in r.items() if not k.startswith("_")} if isinstance(r, dict) else r
+        show = {k: v for k, v in R["phases"][name].items() if k in ("s_per_image", "tokens_timed", "extrapolated",
+                                                                   "peak_mem_bytes", "error", "tokens_per_s")}
+        print(f"[{elapsed():6.1f}s] {name}: {show}", flush=True)
+        save()
+        return r
+
+    tok_dir = tempfile.mkdtemp(prefix="nextstep-bench-tok-")
+    t0 = time.perf_counter()
+    model = build_model(a.size, dev, dtype, tok_dir)
+    sync(dev)
+    R["build"] = {"seconds": time.perf_counter() - t0, "parameters": model.num_parameters(),
+                  "weight_bytes_bf16": weight_bytes(model)}
+    print(f"[{elapsed():6.1f}s] built {a.size} model: {model.num_parameters() / 1e9:.2f} B parameters, "
+          f"{weight_bytes(model) / 1e9:.2f} GB in bf16, {R['build']['seconds']:.1f} s", flush=True)
+    save()
+    w, h = a.width, a.height
+    # the time one phase needs: first token (prefill, capture) + cap + slack
+    need = cap + (60 if cuda else 10)
+
+    eager = phase("bf16_eager_1img", lambda: timed_sample(model, dev, "eager", 1, eager_tokens, cap, width=w, height=h),
+                  need)
+    graph = phase(f"bf16_{graph_mode}_1img",
+                  lambda: timed_sample(model, dev, graph_mode, 1, 10**9, cap, width=w, height=h), need)
+
+    def compare():
+        if not (isinstance(eager, dict) and isinstance(graph, dict) and "_tokens" in eager and "_tokens" in graph):
+            return {"error": "eager or graph phase missing"}
+        te, tg = eager["_tokens"], graph["_tokens"]
+        n = min(te.shape[1], tg.shape[1], 8)
+        per = [rel_err(tg[:, i], te[:, i]) for i in range(n)]
+        return {"tokens_compared": n, "per_token_rel_err": per, "max_abs": float((tg[:, :n] - te[:, :n]).abs().max()),
+                "rel_err_all": rel_err(tg[:, :n], te[:, :n]),
+                "note": "same seed and noise; bf16 kernels differ (static attention reads the whole cache under a "
+                        "mask), so later tokens may drift on random weights; the tests' CPU bound is atol 1e-4 "
+                        "in float32"}
+
+    phase("graph_vs_eager", compare, 0)
+    if isinstance(graph, dict) and "error" in graph and graph_mode == "graph":
+        # capture failed: keep measuring the fixed-shape step without the graph, so the other phases still report
+        R["notes"].append(f"CUDA graph phase failed ({graph['error'][:200]}); later phases use fast='static'")
+        graph_mode = "static"
+        phase("bf16_static_1img", lambda: timed_sample(model, dev, "static", 1, 10**9, cap, width=w, height=h), need)
+    batch = phase(f"bf16_{graph_mode}_4img",
+                  lambda: timed_sample(model, dev, graph_mode, 4, 10**9, cap, width=w, height=h), need)
+    eager = graph = None  # free the token copies
+
+    def to_fp8():
+        t1 = time.perf_counter()
+        n = quantize_fp8_(model)
+        sync(dev)
+        return {"layers": n, "seconds": time.perf_counter() - t1, "weight_bytes": weight_bytes(model)}
+
+    q = phase("quantize_fp8", to_fp8, 30 if cuda else 5)
+    if isinstance(q, dict) and "error" not in q:
+        phase(f"fp8_{graph_mode}_1img",
+              lambda: timed_sample(model, dev, graph_mode, 1, 10**9, cap, width=w, height=h), need)
+    del model
+    if cuda:
+        torch.cuda.empty_cache()
+    phase("kernels", lambda: kernel_bench(dev, dtype) if a.size == "full" or cuda else {"skipped": "CPU"}, 20)
+
+    # summary against the goals
+    P = R["phases"]
+    g = lambda k, f="s_per_image": P.get(k, {}).get(f)  # noqa: E731
+    e1, g1, g4, f1 = g("bf16_eager_1img"), g(f"bf16_{graph_mode}_1img"), g(f"bf16_{graph_mode}_4img"), \
+        g(f"fp8_{graph_mode}_1img")
+    pass1 = g(f"bf16_{graph_mode}_1img", "s_per_pass")
+    pass4 = g(f"bf16_{graph_mode}_4img", "s_per_pass")
+    on_gpu = cuda and a.size == "full" and (w, h) == (512, 512)
+    R["summary"] = {
+        "bf16_eager_s_per_image": e1, "bf16_graph_s_per_image": g1, "fp8_graph_s_per_image": f1,
+        "four_images_s_per_pass": pass4, "four_images_s_per_image": g4,
+        "graph_speedup_vs_eager": (e1 / g1) if e1 and g1 else None,
+        "four_over_one_time": (pass4 / pass1) if pass4 and pass1 else None,
+        "fp8_peak_vram_GB": (P.get(f"fp8_{graph_mode}_1img", {}).get("peak_mem_bytes") or 0) / 1e9 or None,
+        "goal_bf16_le_12s": (g1 <= 12) if g1 and on_gpu else None,
+        "goal_fp8_le_6s": (f1 <= 6) if f1 and on_gpu else None,
+        "goal_fp8_vram_le_17GB": ((P.get(f"fp8_{graph_mode}_1img", {}).get("peak_mem_bytes") or 1e99) <= 17e9)
+        if f1 and on_gpu else None,
+        "goal_4img_le_1.5x": (pass4 / pass1 <= 1.5) if pass4 and pass1 and on_gpu else None,
+        "goals_note": "goal fields are null unless run on CUDA with --size full at 512x512",
+    }
+    R["total_s"] = elapsed()
+    save()
+    rows = []
+    for k, v in P.items():
+        if isinstance(v, dict) and "s_per_image" in v:
+            rows.append([k, v["s_per_image"], v["s_per_pass"], v["tokens_per_s"], v["tokens_timed"],
+                         "yes" if v["extrapolated"] else "no", v["first_token_s"], v["peak_mem_bytes"] / 1e9])
+    print("\n" + table(rows, ["phase", "s/image", "s/pass", "tokens/s", "timed tokens", "extrapolated",
+                              "first token s", "peak GB"]))
+    print(json.dumps({k: v for k, v in R.items() if k != "env"}, indent=1, default=repr))
+    print(f"wrote {out_path}  ({R['total_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
