@@ -146,7 +146,7 @@ def bench_fast(a, cks, R):
                      "tokens_rel_err": rel_err(res["static"].tokens, res["eager"].tokens),
                      "tokens_max_abs": max_abs(res["static"].tokens, res["eager"].tokens)}
         rows.append([size, n_tok / e, n_tok / s, e / s, out[size]["tokens_max_abs"]])
-        del model
+        model = None
     print(table(rows, ["checkpoint", "eager tok/s", "static tok/s", "static/eager speed", "max |dtoken|"]))
     return out
 
@@ -244,7 +244,7 @@ def bench_quant(a, ck, R, cache, tiny):
     print(table(rows, ["weights", "tok/s", "speed/bf16", "weights MB", "w/bf16", "peak RSS MB", "RSS/bf16",
                        "(RSS-base)/bf16", "vel err", "token err", "image err"]))
     print(f"  for scale: bf16 vs fp32 velocity rel err {fmt(out['velocity_bf16_vs_fp32_rel_err'])}")
-    del models
+    models = None
     return out
 
 

@@ -33,7 +33,7 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import dump_json, env_info, fmt, proc_status, rel_err, table  # noqa: E402
+from common import dump_json, env_info, proc_status, rel_err, table  # noqa: E402
 
 T_START = time.perf_counter()
 QWEN_VOCAB = 152064
@@ -327,8 +327,8 @@ def main(argv=None) -> int:
         R["notes"].append(f"CUDA graph phase failed ({graph['error'][:200]}); later phases use fast='static'")
         graph_mode = "static"
         phase("bf16_static_1img", lambda: timed_sample(model, dev, "static", 1, 10**9, cap, width=w, height=h), need)
-    batch = phase(f"bf16_{graph_mode}_4img",
-                  lambda: timed_sample(model, dev, graph_mode, 4, 10**9, cap, width=w, height=h), need)
+    phase(f"bf16_{graph_mode}_4img",
+          lambda: timed_sample(model, dev, graph_mode, 4, 10**9, cap, width=w, height=h), need)
     eager = graph = None  # free the token copies
 
     def to_fp8():
@@ -341,7 +341,7 @@ def main(argv=None) -> int:
     if isinstance(q, dict) and "error" not in q:
         phase(f"fp8_{graph_mode}_1img",
               lambda: timed_sample(model, dev, graph_mode, 1, 10**9, cap, width=w, height=h), need)
-    del model
+    model = None
     if cuda:
         torch.cuda.empty_cache()
     phase("kernels", lambda: kernel_bench(dev, dtype) if a.size == "full" or cuda else {"skipped": "CPU"}, 20)
