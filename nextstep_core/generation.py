@@ -276,7 +276,9 @@ def sample(model, cond: Conditioning, width: int = 512, height: int = 512, image
             grid = grids.get(n_steps)
             if grid is None:
                 grid = grids[n_steps] = time_grid(n_steps, timesteps_shift, family)
-            noise_k = noise_src.next(draws_needed(n_steps, sampler, family)).to(dev)
+            # always draw for the full step count: annealing then keeps the noise stream of the un-annealed run
+            noise_k = noise_src.next(draws_needed(steps, sampler, family))[:draws_needed(n_steps, sampler, family)]
+            noise_k = noise_k.to(dev)
             tok = sample_token(model.image_head, cc, noise_k, grid, guide, sampler, family, hoist).to(dtype)
             if use_norm:
                 tok = F.layer_norm(tok, (tok.shape[-1],), eps=1e-6)

@@ -2,10 +2,11 @@
 
 Weights stay quantised in memory, so a model takes about half the memory of its bf16 form. On GPUs with fp8 tensor
 cores (compute capability 8.9+) fp8 layers multiply in fp8 directly (`NEXTSTEP_FP8_MATMUL=0` turns that off);
-elsewhere, and for int8, each layer's weight is expanded to the compute dtype inside `forward`. Which layers are quantised is decided when a file is written
-(`should_quantize`): the decoder's projections and the head's residual blocks — the bulk of the bytes — while the
-embeddings, the image projectors and the head's input, condition, time and output layers stay in high precision,
-where a small error would reach every token.
+elsewhere, and for int8, each layer's weight is expanded to the compute dtype inside `forward` (the head's, once per
+token: `expanded_weights`). Which layers are quantised is decided when a file is written (`should_quantize`): the
+decoder's projections and the head's residual blocks — the bulk of the bytes — while the embeddings, the image
+projectors and the head's input, condition, time and output layers stay in high precision, where a small error
+would reach every token.
 """
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ def quantize_weight(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tens
 
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (q.to(torch.float32) * scale[:, None]).to(dtype) if dtype == torch.float32 else \
-        q.to(dtype) * scale[:, None].to(dtype)
+    w = q.to(dtype)  # one temporary, scaled in place
+    return w.mul_(scale[:, None].to(dtype))
 
 
 _FP8_MATMUL = {"enabled": os.environ.get("NEXTSTEP_FP8_MATMUL", "1") != "0"}
@@ -82,9 +83,13 @@ def make_quant_linear(base: type) -> type:
             super().__init__(*args, **kwargs)
             self.register_buffer("weight_scale", None)
 
+        expanded = None  # set by `expanded_weights` while a block of calls reuses one dequantised copy
+
         def forward(self, x):
             if self.weight_scale is None:
                 return super().forward(x)
+            if self.expanded is not None:
+                return F.linear(x, self.expanded, None if self.bias is None else self.bias.to(x.dtype))
             if self.weight.dtype == torch.float8_e4m3fn and x.dtype != torch.float32 and \
                     fp8_matmul_supported(x.device):
                 try:
@@ -97,6 +102,33 @@ def make_quant_linear(base: type) -> type:
 
     QuantLinear.__name__ = f"Quant{base.__name__}"
     return QuantLinear
+
+
+class expanded_weights:
+    """Within the block, quantised layers of `module` multiply with one dequantised copy of their weight.
+
+    The head runs its layers once per sampling step (tens of times per token): expanding their weights once per
+    token instead of once per call makes a quantised head as fast as a bf16 one, for a transient copy of the head's
+    weights. Where fp8 multiplies natively (fp8 tensor cores) nothing is expanded.
+    """
+
+    def __init__(self, module, dtype: torch.dtype):
+        modules = module.modules() if isinstance(module, nn.Module) else ()
+        self.layers = [m for m in modules if getattr(m, "weight_scale", None) is not None]
+        self.dtype = dtype
+
+    def __enter__(self):
+        for m in self.layers:
+            native = m.weight.dtype == torch.float8_e4m3fn and self.dtype != torch.float32 and \
+                fp8_matmul_supported(m.weight.device)
+            if not native:
+                m.expanded = dequantize_weight(m.weight, m.weight_scale, self.dtype)
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.layers:
+            m.expanded = None
+        return False
 
 
 def quantized_operations(fmt: str, operations=None):

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import FAMILY_V1_1
+from .quant import expanded_weights
 
 SAMPLERS = ("euler_maruyama", "euler", "flow_sde", "flow_cps")
 CFG_SCHEDULES = ("constant", "linear")
@@ -90,9 +91,14 @@ def sample_token(head, c: torch.Tensor, noise: torch.Tensor, grid: torch.Tensor,
     same on c's device, when the caller keeps one (no copy inside a captured graph). The guidance scales may be
     device tensors. Returns the guided token [B, D] in float32.
     """
+    with expanded_weights(head, c.dtype):  # quantised head layers: dequantise once per token, not once per step
+        return _sample_token(head, c, noise, grid, guidance, sampler, family, hoist,
+                             grid.to(c.device) if grid_dev is None else grid_dev)
+
+
+def _sample_token(head, c, noise, grid, guidance, sampler, family, hoist, t_dev):
     n_eval = len(grid) - 1  # number of head evaluations
     x = noise[0].clone()
-    t_dev = grid.to(c.device) if grid_dev is None else grid_dev
     if hoist:
         mods = head.modulations(t_dev[:n_eval], c)
         velocity = lambda i, xin: head.velocity_premod(xin, mods, i)  # noqa: E731

@@ -78,3 +78,19 @@ def test_cuda_graph_equals_eager_on_the_same_noise(tiny_dir):
     a = sample(m, Conditioning(["a cat"]), fast="eager", **args)
     b = sample(m, Conditioning(["a cat"]), fast="graph", **args)
     assert torch.allclose(a.tokens, b.tokens, atol=1e-4)
+
+
+def test_step_annealing_keeps_the_noise_stream_of_the_plain_run(tiny_model, monkeypatch):
+    import nextstep_core.generation as G
+
+    seen = {}
+    real = G.sample_token
+
+    def spy(head, c, noise, grid, *a, **k):
+        seen.setdefault(run, []).append(noise[0].clone())
+        return real(head, c, noise, grid, *a, **k)
+
+    monkeypatch.setattr(G, "sample_token", spy)
+    for run, end in (("plain", None), ("annealed", 2)):
+        sample(tiny_model, Conditioning(["a"]), width=64, height=32, steps=8, steps_end=end, seed=4)
+    assert all(torch.equal(a, b) for a, b in zip(seen["plain"], seen["annealed"]))

@@ -102,3 +102,18 @@ def test_quantising_at_load_time_equals_a_converted_file(tiny_dir, tmp_path, fmt
     assert a.layers[0].self_attn.q_proj.weight.element_size() == 1
     with pytest.raises(ns.NextStepError, match="already quantised as " + fmt):
         ns.load_model(str(tmp_path / "q.safetensors"), quantize="int8" if fmt == "fp8" else "fp8")
+
+
+def test_head_weights_are_expanded_once_per_token_and_released(tiny_dir):
+    from nextstep_core.quant import expanded_weights
+
+    m = ns.load_model(tiny_dir, dtype="float32", quantize="int8")
+    head = m.image_head
+    layer = head.net.res_blocks[0].mlp[0]
+    x, c = torch.randn(3, 64), torch.randn(3, m.config.hidden_size)
+    plain = head.velocity(x, 0.3, c)
+    with expanded_weights(head, torch.float32):
+        assert layer.expanded is not None and layer.expanded.dtype == torch.float32
+        inside = head.velocity(x, 0.3, c)
+    assert layer.expanded is None
+    assert torch.allclose(plain, inside, atol=1e-5)
