@@ -10,9 +10,10 @@ This package never imports ComfyUI; the node pack next to it is a thin face over
 """
 from .config import FAMILIES, FAMILY_V1, FAMILY_V1_1, ModelConfig, VAEConfig
 from .errors import CheckpointError, GenerationCancelled, NextStepError
-from .generation import (EDIT_DEFAULTS, NOISE_MODES, Conditioning, SampleResult, decode_latents, encode_edit_images,
-                       encode_latents, estimate_memory_bytes, family_defaults, guidance_branches, sample,
-                         tokens_to_latents)
+from .generation import (EDIT_DEFAULTS, NOISE_MODES, Conditioning, SampleResult, family_defaults, guidance_branches,
+                         sample, tokens_to_latents)
+from .images import decode_latents, encode_edit_images, encode_latents
+from .memory import estimate_memory_bytes
 from .loading import find_vae_for_model, load_model, load_vae
 from .model import NextStep
 from .pipeline import GenerationResult, generate

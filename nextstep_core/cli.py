@@ -61,6 +61,7 @@ def _generate(args) -> int:
     import torch
 
     from . import generation as G
+    from .images import decode_latents, encode_edit_images
     from .loading import find_vae_for_model, load_model, load_vae
 
     model_path = resolve_model(args.model, args.download_dir)
@@ -88,7 +89,7 @@ def _generate(args) -> int:
                 imgs.append(Image.open(p).convert("RGB"))
             except (OSError, ValueError) as e:
                 raise NextStepError(f"cannot read the edit image {p}: {e}") from None
-        cond = G.encode_edit_images(vae, cond, imgs)
+        cond = encode_edit_images(vae, cond, imgs)
     bar = _Bar()
     res = G.sample(model, cond, width=args.width, height=args.height, images_per_prompt=args.images_per_prompt,
                    cfg=pick(args.cfg, "cfg"), cfg_img=pick(args.cfg_img, "cfg_img"),
@@ -97,7 +98,7 @@ def _generate(args) -> int:
                    sampler=pick(args.sampler, "sampler"), use_norm=pick(args.use_norm, "use_norm"), seed=args.seed,
                    noise=args.noise, progress=bar, latent_affine=(vae.config.scaling_factor, vae.config.shift_factor))
     bar.close()
-    images = G.decode_latents(vae, res.latents)
+    images = decode_latents(vae, res.latents)
     from .pipeline import GenerationResult
 
     pils = GenerationResult(res.tokens, res.latents, images).pil()

@@ -13,13 +13,14 @@ Noise modes:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .config import FAMILY_V1_1
 from .errors import GenerationCancelled, NextStepError
+from .memory import check_fits
 from .prompt import IMAGE_MARKER, build_rows, grid_size, patchify, tokenize_rows, unpatchify
 from .sampling import CFG_SCHEDULES, SAMPLERS, Guidance, cfg_at, draws_needed, sample_token, time_grid
 
@@ -68,49 +69,6 @@ def family_defaults(family: str) -> dict:
 
 
 EDIT_DEFAULTS = dict(cfg=7.5, cfg_img=2.0, timesteps_shift=3.2, negative_prompt="Copy original image.")
-
-
-def to_pixels(image) -> torch.Tensor:
-    """PIL image or [3,H,W] / [H,W,3] tensor in 0..1 -> float [3,H,W]."""
-    if isinstance(image, torch.Tensor):
-        t = image.detach().float()
-        if t.ndim == 4 and t.shape[0] == 1:
-            t = t[0]
-        if t.ndim == 3 and t.shape[0] not in (1, 3, 4) and t.shape[-1] in (1, 3, 4):
-            t = t.permute(2, 0, 1)
-        if t.ndim != 3:
-            raise NextStepError(f"an input image must be [3,H,W] or [H,W,3], got shape {list(image.shape)}")
-        return t[:3] if t.shape[0] >= 3 else t.expand(3, -1, -1)
-    import numpy as np
-    from PIL import Image
-
-    if not isinstance(image, Image.Image):
-        raise NextStepError(f"cannot use {type(image).__name__} as an image; pass a PIL image or a tensor")
-    if image.mode == "RGBA":  # as the reference: transparent pixels become white
-        bg = Image.new("RGB", image.size, (255, 255, 255))
-        bg.paste(image, mask=image.split()[3])
-        image = bg
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-
-
-def encode_edit_images(vae, cond: Conditioning, images) -> Conditioning:
-    """Encode one input image per prompt with the VAE; returns a Conditioning for editing."""
-    images = list(images) if not isinstance(images, torch.Tensor) or images.ndim != 4 else list(images)
-    if len(images) != len(cond.prompts):
-        raise NextStepError(f"{len(images)} input image(s) for {len(cond.prompts)} prompt(s): editing needs exactly "
-                            "one image per prompt.")
-    latents = []
-    for i, img in enumerate(images):
-        px = to_pixels(img)
-        _, h, w = px.shape
-        if h % 16 or w % 16:
-            raise NextStepError(f"input image {i} is {w}x{h}; editing needs sides that are multiples of 16. Resize "
-                                f"or crop it first (e.g. to {max(16, w // 16 * 16)}x{max(16, h // 16 * 16)}).")
-        with torch.inference_mode():
-            latents.append(vae.to_ar(vae.encode_mean(px[None]))[0].float().cpu())
-    prompts = [p if IMAGE_MARKER in p else IMAGE_MARKER + p for p in cond.prompts]
-    return replace(cond, prompts=prompts, edit_latents=latents)
 
 
 def _validate(model, cond: Conditioning, width, height, images_per_prompt, steps, sampler, cfg_schedule, noise,
@@ -174,6 +132,72 @@ def _embed(model, batch, cond: Conditioning, n_per_prompt: int, device):
             raise NextStepError(f"row {row} has {len(idx)} image placeholders for {len(tokens)} image tokens")
         x[row, idx] = model.image_in_projector(tokens.to(device, x.dtype))
     return x
+
+
+@dataclass
+class _Plan:
+    """The settings of one generation that the per-token steppers need."""
+    total: int
+    h: int
+    w: int
+    branches: int
+    cfg: float
+    cfg_img: float
+    schedule: str
+    family: str
+    sampler: str
+    steps: int
+    steps_end: int | None
+    shift: float
+    use_norm: bool
+    hoist: bool
+    prompt_len: int
+    n_img: int
+
+    def guidance(self, k: int) -> tuple[float, float]:
+        return (cfg_at(k, self.total, self.cfg, self.schedule, self.family),
+                cfg_at(k, self.total, self.cfg_img, self.schedule, self.family))
+
+
+def _eager_stepper(model, plan: _Plan, cache, c):
+    """Per token: the head samples on all guidance rows, the guided token goes back into every row's cache."""
+    grids, state = {}, {"c": c}
+    dev, dtype = model.device, model.dtype
+
+    def next_token(k: int, noise: torch.Tensor) -> torch.Tensor:
+        pos = model.pos_embed_for(k, plan.h, plan.w)
+        c = state["c"]
+        cc = model.image_out_projector(c if pos is None else c + pos.to(c.dtype))
+        n_steps = annealed_steps(k, plan.total, plan.steps, plan.steps_end)
+        if n_steps not in grids:
+            grids[n_steps] = time_grid(n_steps, plan.shift, plan.family)
+        noise = noise[:draws_needed(n_steps, plan.sampler, plan.family)].to(dev)
+        tok = sample_token(model.image_head, cc, noise, grids[n_steps], Guidance(plan.branches, *plan.guidance(k)),
+                           plan.sampler, plan.family, plan.hoist).to(dtype)
+        if plan.use_norm:
+            tok = F.layer_norm(tok, (tok.shape[-1],), eps=1e-6)
+        if k + 1 < plan.total:  # nothing reads the model after the last token
+            emb = model.image_in_projector(tok).repeat(plan.branches, 1)[:, None]
+            state["c"] = model.forward_embeds(emb, cache)[:, -1]
+        return tok.float().cpu()
+
+    return next_token
+
+
+def _static_stepper(model, plan: _Plan, cache, c, capture: bool):
+    """The same per-token work on fixed shapes (fast.py); captured as one CUDA graph when `capture`."""
+    from .fast import StaticTokenStep
+
+    step = StaticTokenStep(model, cache, plan.prompt_len, plan.total, plan.h, plan.w, plan.n_img, plan.branches,
+                           time_grid(plan.steps, plan.shift, plan.family),
+                           draws_needed(plan.steps, plan.sampler, plan.family), plan.sampler, plan.use_norm, capture)
+    step.c.copy_(c)
+    pin = model.device.type == "cuda"
+
+    def next_token(k: int, noise: torch.Tensor) -> torch.Tensor:
+        return step.run(noise.pin_memory() if pin else noise, *plan.guidance(k), last=k + 1 == plan.total)
+
+    return next_token
 
 
 def _fast_mode(fast: str, device: torch.device, steps_end) -> str:
@@ -247,55 +271,21 @@ def sample(model, cond: Conditioning, width: int = 512, height: int = 512, image
     if cond.is_edit and image_rows:
         edit_shape = (len(image_rows), *cond.edit_latents[0].shape)
     noise_src = _Noise(noise, seed, len(cond.prompts), images_per_prompt, edit_shape, mcfg.token_dim)
-    grids = {}
-    n_img = len(cond.prompts) * images_per_prompt
-    tokens = torch.zeros(n_img, total, mcfg.token_dim)
+    plan = _Plan(total, h, w, branches, cfg, cfg_img, cfg_schedule, family, sampler, steps, steps_end,
+                 timesteps_shift, use_norm, hoist, batch.input_ids.shape[1], len(cond.prompts) * images_per_prompt)
     mode = _fast_mode(fast, dev, steps_end)
     with torch.inference_mode():
-        cache = model.new_cache(len(rows), batch.input_ids.shape[1] + total - 1, dtype, dev)
+        cache = model.new_cache(len(rows), plan.prompt_len + total - 1, dtype, dev)
         x = _embed(model, batch, cond, images_per_prompt, dev).to(dtype)
         c = model.forward_embeds(x, cache, batch.real.to(dev))[:, -1]
-        if mode != "eager":
-            from .fast import StaticTokenStep
-
-            grid = time_grid(steps, timesteps_shift, family)
-            draws = draws_needed(steps, sampler, family)
-            step = StaticTokenStep(model, cache, batch.input_ids.shape[1], total, h, w, n_img, branches, grid, draws,
-                                   sampler, use_norm, capture=mode == "graph")
-            step.c.copy_(c)
-            tokens = tokens.to(dev)
-            pin = dev.type == "cuda"
-        for k in range(total if mode == "eager" else 0):
+        next_token = _eager_stepper(model, plan, cache, c) if mode == "eager" else \
+            _static_stepper(model, plan, cache, c, capture=mode == "graph")
+        tokens = torch.zeros(plan.n_img, total, mcfg.token_dim, device="cpu" if mode == "eager" else dev)
+        for k in range(total):
             if should_cancel is not None and should_cancel():
                 raise GenerationCancelled(f"cancelled after {k} of {total} tokens")
-            pos = model.pos_embed_for(k, h, w)
-            cc = model.image_out_projector(c if pos is None else c + pos.to(c.dtype))
-            guide = Guidance(branches, cfg_at(k, total, cfg, cfg_schedule, family),
-                             cfg_at(k, total, cfg_img, cfg_schedule, family))
-            n_steps = annealed_steps(k, total, steps, steps_end)
-            grid = grids.get(n_steps)
-            if grid is None:
-                grid = grids[n_steps] = time_grid(n_steps, timesteps_shift, family)
             # always draw for the full step count: annealing then keeps the noise stream of the un-annealed run
-            noise_k = noise_src.next(draws_needed(steps, sampler, family))[:draws_needed(n_steps, sampler, family)]
-            noise_k = noise_k.to(dev)
-            tok = sample_token(model.image_head, cc, noise_k, grid, guide, sampler, family, hoist).to(dtype)
-            if use_norm:
-                tok = F.layer_norm(tok, (tok.shape[-1],), eps=1e-6)
-            tokens[:, k] = tok.float().cpu()
-            if progress is not None:
-                progress(k + 1, total, tokens[:, :k + 1])
-            if k + 1 < total:  # nothing reads the model after the last token
-                emb = model.image_in_projector(tok).repeat(branches, 1)[:, None]
-                c = model.forward_embeds(emb, cache)[:, -1]
-        for k in range(total if mode != "eager" else 0):
-            if should_cancel is not None and should_cancel():
-                raise GenerationCancelled(f"cancelled after {k} of {total} tokens")
-            noise_k = noise_src.next(draws)
-            tok = step.run(noise_k.pin_memory() if pin else noise_k,
-                           cfg_at(k, total, cfg, cfg_schedule, family), cfg_at(k, total, cfg_img, cfg_schedule, family),
-                           last=k + 1 == total)
-            tokens[:, k].copy_(tok)
+            tokens[:, k] = next_token(k, noise_src.next(draws_needed(steps, sampler, family)))
             if progress is not None:
                 progress(k + 1, total, tokens[:, :k + 1])
     tokens = tokens.float().cpu()
@@ -311,55 +301,3 @@ def tokens_to_latents(tokens: torch.Tensor, width: int, height: int, cfg, latent
     full[:, :tokens.shape[1]] = tokens
     scale, shift = latent_affine
     return unpatchify(full, h, w, cfg.latent_patch_size) / scale + shift
-
-
-def estimate_memory_bytes(model, width: int, height: int, rows: int, prompt_tokens: int = 128) -> int:
-    """Weights + KV cache + working memory of the prefill for `rows` guidance rows."""
-    from .model import KVCache
-
-    cfg = model.config
-    h, w = grid_size(width, height, cfg)
-    seq = prompt_tokens + h * w
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    elem = torch.empty((), dtype=model.dtype).element_size()
-    kv = KVCache.bytes_per_token(cfg, model.dtype) * rows * seq
-    act = rows * prompt_tokens * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * elem
-    return int(weights + kv + act)
-
-
-def check_fits(model, rows: int, seq: int) -> None:
-    """Refuse, before any compute, a cache that cannot fit in the device's free memory."""
-    from .model import KVCache
-
-    need = KVCache.bytes_per_token(model.config, model.dtype) * rows * seq
-    dev = model.device
-    free = None
-    if dev.type == "cuda":
-        free = torch.cuda.mem_get_info(dev)[0]
-    elif dev.type == "cpu":
-        try:
-            import psutil
-
-            free = psutil.virtual_memory().available
-        except ImportError:
-            free = None
-    if free is not None and need > 0.9 * free:
-        raise NextStepError(f"this batch needs {need / 2**30:.1f} GiB for its KV cache ({rows} rows × {seq} tokens) but "
-                            f"only {free / 2**30:.1f} GiB is free on {dev}: use fewer images or a smaller size.")
-
-
-def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Raw VAE latents [B,C,h,w] -> images [B,3,H,W] float32 in 0..1 (CPU)."""
-    if latents.shape[1] != vae.config.z_channels:
-        raise NextStepError(f"these latents have {latents.shape[1]} channels but the VAE takes "
-                            f"{vae.config.z_channels}: decode them with the VAE they were made for.")
-    with torch.inference_mode():
-        return vae.decode(latents).cpu()
-
-
-def encode_latents(vae, images: torch.Tensor) -> torch.Tensor:
-    """Images [B,3,H,W] in 0..1 -> raw VAE latents [B,C,H/8,W/8] (float32, CPU)."""
-    if images.shape[-1] % 8 or images.shape[-2] % 8:
-        raise NextStepError(f"image size {images.shape[-1]}x{images.shape[-2]} is not a multiple of 8.")
-    with torch.inference_mode():
-        return vae.encode_mean(images).float().cpu()

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .generation import Conditioning, decode_latents, encode_edit_images, sample
+from .generation import Conditioning, sample
+from .images import decode_latents, encode_edit_images
 
 
 @dataclass

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from .. import nextstep_core as ns
-from ..nextstep_core.generation import guidance_branches
 from . import comfy_glue as glue
 from .common import CATEGORY, CONDITIONING, MAX_SIZE, MODEL, SIZE_STEP, check_size, user_errors
 
@@ -67,7 +66,7 @@ class NextStepSampler:
                     raise ns.NextStepError(problem)
             if sampler == "auto":
                 sampler = ns.family_defaults(model.config.family)["sampler"]
-            rows = guidance_branches(conditioning, cfg, cfg_img) * len(conditioning.prompts) * batch_size
+            rows = ns.guidance_branches(conditioning, cfg, cfg_img) * len(conditioning.prompts) * batch_size
             need = ns.estimate_memory_bytes(model.module, width, height, rows)  # weights + KV cache + activations
             glue.load_to_device(model, need - glue.mm.module_size(model.module))
             # Previews stay in the model's token space (unit scale, like the normalised latents the RGB factors
