@@ -125,7 +125,10 @@ def download_repo(repo: str, dest: str, subfolder: str | None) -> None:
     except ImportError:
         raise ConnectionError(f"Cannot download {url}: huggingface_hub is not installed. "
                               f"Download it yourself into {dest}.") from None
-    patterns = [f"{subfolder}/*"] if subfolder else None
+    # only what loading reads: configs, weights, tokenizer, the VAE (the repos also carry Python files and assets,
+    # which this pack never runs and does not need)
+    patterns = [f"{subfolder}/*"] if subfolder else ["*.json", "*.safetensors", "*.txt", "vae/*.json", "vae/*.pt",
+                                                       "vae/*.safetensors"]
     try:
         snapshot_download(repo_id=repo, local_dir=dest, allow_patterns=patterns)
     except Exception as e:  # network, auth and disk errors all end the same way for the user
