@@ -17,10 +17,14 @@ loop.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from .sampling import Guidance, sample_token
+
+log = logging.getLogger("nextstep")
 
 
 class StaticTokenStep:
@@ -41,7 +45,13 @@ class StaticTokenStep:
         cache.real[:, prompt_len:] = True  # every slot after the prompt will hold a real image token
         self.graph = None
         if capture:
-            self._capture()
+            saved = (self.c.clone(), self.pos.clone(), self.k_idx.clone())
+            try:
+                self._capture()
+            except RuntimeError as e:  # a driver or kernel that cannot be captured: same results, without a graph
+                log.warning("CUDA graph capture failed (%s); continuing without graphs.", str(e).splitlines()[0])
+                self.graph = None
+                self._restore(saved)
 
     def _sample(self):
         model = self.model

@@ -94,3 +94,23 @@ def test_step_annealing_keeps_the_noise_stream_of_the_plain_run(tiny_model, monk
     for run, end in (("plain", None), ("annealed", 2)):
         sample(tiny_model, Conditioning(["a"]), width=64, height=32, steps=8, steps_end=end, seed=4)
     assert all(torch.equal(a, b) for a, b in zip(seen["plain"], seen["annealed"]))
+
+
+def test_a_failed_graph_capture_falls_back_to_the_same_results(tiny_model, monkeypatch, caplog):
+    """Where a driver cannot capture, the step runs uncaptured with identical state (simulated on the CPU)."""
+    import logging
+
+    from nextstep_core import fast
+
+    def broken_capture(self):
+        self._step()  # the warm-up had already advanced the state when capture failed
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(fast.StaticTokenStep, "_capture", broken_capture)
+    monkeypatch.setattr(fast, "graphs_available", lambda device: True)
+    args = dict(width=48, height=32, steps=3, seed=2, cfg=3.0)
+    with caplog.at_level(logging.WARNING, logger="nextstep"):
+        b = sample(tiny_model, Conditioning(["a cat"]), fast="graph", **args)
+    a = sample(tiny_model, Conditioning(["a cat"]), fast="eager", **args)
+    assert "continuing without graphs" in caplog.text
+    assert torch.allclose(a.tokens, b.tokens, atol=1e-4)
