@@ -46,6 +46,10 @@ class NextStepSampler:
             "use_norm": ("BOOLEAN", {"default": True,
                                      "tooltip": "Layer-normalize each sampled token: on in NextStep-1's examples, "
                                                 "off in NextStep-1.1's."}),
+        }, "optional": {
+            "steps_end": ("INT", {"default": 0, "min": 0, "max": 200,
+                                  "tooltip": "Step annealing: head steps fall linearly from 'steps' at the first token "
+                                             "to this at the last (e.g. 50 -> 5 is about 1.4x faster). 0 = off."}),
         }}
 
     @classmethod
@@ -58,7 +62,7 @@ class NextStepSampler:
         return True
 
     def sample(self, model, conditioning, seed, width, height, batch_size, cfg, cfg_img, cfg_schedule,
-               timesteps_shift, steps, sampler, use_norm):
+               timesteps_shift, steps, sampler, use_norm, steps_end=0):
         with user_errors("NextStep Sampler"):
             for name, value in (("width", width), ("height", height)):  # linked sizes skip VALIDATE_INPUTS
                 problem = check_size(name, value)
@@ -76,7 +80,7 @@ class NextStepSampler:
             result = ns.sample(model.module, conditioning, width=width, height=height, images_per_prompt=batch_size,
                                cfg=cfg, cfg_img=cfg_img, cfg_schedule=cfg_schedule, timesteps_shift=timesteps_shift,
                                steps=steps, sampler=sampler, use_norm=use_norm, seed=seed,
-                               progress=progress, should_cancel=glue.should_cancel)
+                               steps_end=steps_end or None, progress=progress, should_cancel=glue.should_cancel)
             return ({"samples": result.latents.float().to(glue.intermediate_device())},)
 
 

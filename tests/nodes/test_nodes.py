@@ -121,6 +121,16 @@ def test_quantised_weight_dtypes(pack, weight_dtype):
     assert torch.isfinite(latent["samples"]).all()
 
 
+def test_step_annealing_input(pack):
+    model = node(pack, "NextStepModelLoader").load("NextStep-1.1", "fp32", "sdpa", False)[0]
+    cond = node(pack, "NextStepTextEncode").encode("a cat", "", "")[0]
+    sampler = node(pack, "NextStepSampler")
+    args = (model, cond, 5, 64, 32, 1, 3.0, 1.0, "constant", 1.0, 6, "euler", False)
+    plain, annealed = sampler.sample(*args)[0]["samples"], sampler.sample(*args, steps_end=2)[0]["samples"]
+    assert torch.equal(plain, sampler.sample(*args, steps_end=0)[0]["samples"])  # 0 = off
+    assert not torch.equal(plain, annealed)
+
+
 def test_same_seed_same_latent(pack):
     assert torch.equal(_generate(pack, seed=9)[1]["samples"], _generate(pack, seed=9)[1]["samples"])
     assert not torch.equal(_generate(pack, seed=9)[1]["samples"], _generate(pack, seed=10)[1]["samples"])
@@ -169,7 +179,8 @@ def test_workflows_use_only_known_widgets(pack):
     for path in (Path(__file__).resolve().parents[2] / "workflows").glob("*.json"):
         for n in json.loads(path.read_text())["nodes"]:
             if n["type"] in mappings:
-                spec = mappings[n["type"]].INPUT_TYPES()["required"]
+                types = mappings[n["type"]].INPUT_TYPES()
+                spec = {**types["required"], **types.get("optional", {})}
                 widgets = [k for k, v in spec.items() if isinstance(v[0], list) or v[0] in
                            ("INT", "FLOAT", "STRING", "BOOLEAN")]
                 extra = 1 if "seed" in widgets else 0
