@@ -29,7 +29,8 @@ def check_fits(model, rows: int, seq: int) -> None:
     dev = model.device
     free = None
     if dev.type == "cuda":
-        free = torch.cuda.mem_get_info(dev)[0]
+        # memory PyTorch has reserved but not handed out is free for the cache too
+        free = torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
     elif dev.type == "cpu":
         try:
             import psutil
