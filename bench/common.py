@@ -146,3 +146,54 @@ def dump_json(path: str, data: dict) -> None:
     with open(tmp, "w") as f:
         json.dump(data, f, indent=1, default=lambda o: repr(o))
     os.replace(tmp, path)
+
+
+# ---- the CPU bench's generation helpers (also used by its subprocess probes)
+
+PROMPT = "a red fox in the snow, film grained"
+NEGATIVE = "lowres, bad anatomy, blurry"
+SEED = 1
+
+
+def weight_bytes(model) -> int:
+    ts = list(model.parameters()) + [b for b in model.buffers() if b is not None]
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def checkpoint(cache: str, size: str) -> str:
+    from nextstep_core.testing import make_tiny_checkpoint
+
+    path = os.path.join(cache, f"ckpt-{size}-seed0")
+    if not os.path.isfile(os.path.join(path, "vae", "checkpoint.pt")):
+        t0 = now()
+        make_tiny_checkpoint(path + ".partial", size=size)
+        os.replace(path + ".partial", path) if not os.path.exists(path) else None
+        print(f"  made {size} checkpoint in {now() - t0:.1f} s: {path}")
+    return path
+
+
+def gen(model, width, height, **kw):
+    import nextstep_core as ns
+
+    kw.setdefault("fast", "eager")
+    cond = ns.Conditioning([PROMPT], negative_prompt=NEGATIVE)
+    return ns.sample(model, cond, width=width, height=height, cfg=7.5, steps=kw.pop("steps", 50), seed=kw.pop("seed", SEED),
+                     noise="independent", **kw)
+
+
+def compare(model, width: int, height: int, variants: dict, reps: int) -> tuple[dict, dict]:
+    """Time `gen` under each variant's keyword arguments, interleaved A/B/A/B after one small warm-up each.
+
+    Returns (times per variant, the last result of each variant).
+    """
+    for kw in variants.values():
+        gen(model, 16, 16, **kw)
+    results = {}
+
+    def runner(name, kw):
+        def run():
+            results[name] = gen(model, width, height, **kw)
+        return run
+
+    times = interleave({name: runner(name, kw) for name, kw in variants.items()}, reps)
+    return times, results

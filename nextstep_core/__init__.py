@@ -1,7 +1,7 @@
 """NextStep-1 / 1.1 inference in plain PyTorch: load the official checkpoints, generate and edit images.
 
     import nextstep_core as ns
-    model = ns.load_model("models/nextstep/NextStep-1-Large", dtype="bfloat16", device="cuda")
+    model = ns.load_model("models/nextstep/NextStep-1-Large", dtype="bfloat16", device=device)  # any torch device
     vae = ns.load_vae(ns.find_vae_for_model(model.source_path) or "models/nextstep/NextStep-1-f8ch16-Tokenizer")
     out = ns.generate(model, vae, ["a red fox in the snow"], width=512, height=512, seed=42)
     out.pil()[0].save("fox.png")
