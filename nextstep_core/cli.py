@@ -96,7 +96,8 @@ def _generate(args) -> int:
                    cfg_schedule=pick(args.cfg_schedule, "cfg_schedule"),
                    timesteps_shift=pick(args.timesteps_shift, "timesteps_shift"), steps=pick(args.steps, "steps"),
                    sampler=pick(args.sampler, "sampler"), use_norm=pick(args.use_norm, "use_norm"), seed=args.seed,
-                   noise=args.noise, progress=bar, latent_affine=(vae.config.scaling_factor, vae.config.shift_factor))
+                   noise=args.noise, progress=bar, latent_affine=(vae.config.scaling_factor, vae.config.shift_factor),
+                   steps_end=args.steps_end, fast=args.fast)
     bar.close()
     images = decode_latents(vae, res.latents)
     from .pipeline import GenerationResult
@@ -166,12 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cfg-schedule", choices=["constant", "linear"])
     g.add_argument("--timesteps-shift", type=float)
     g.add_argument("--steps", type=int)
+    g.add_argument("--steps-end", type=int, help="step annealing: head steps fall linearly to this (off by default)")
     g.add_argument("--sampler", choices=["euler_maruyama", "euler", "flow_sde", "flow_cps"])
     g.add_argument("--use-norm", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--noise", choices=["independent", "reference"], default="independent")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
     g.add_argument("--device")
+    g.add_argument("--fast", choices=["auto", "graph", "static", "eager"], default="auto",
+                   help="per-token path: auto = CUDA graphs on CUDA, the plain loop elsewhere")
     g.add_argument("-o", "--output", default="nextstep.png")
     g.add_argument("--save-latents", help="write tokens [B,T,64] and latents [B,16,H/8,W/8] to this .npz")
     g.set_defaults(func=_generate)

@@ -38,8 +38,8 @@ def test_generate_edit(tiny_dir, tmp_path):
 
 
 def test_generate_on_the_builtin_tiny_model(tmp_path):
-    r = cli("generate", "--model", "tiny", "--prompt", "x", "--width", "32", "--height", "32", "--steps", "2",
-            "-o", str(tmp_path / "t.png"))
+    r = cli("generate", "--model", "tiny", "--prompt", "x", "--width", "32", "--height", "32", "--steps", "4",
+            "--steps-end", "2", "--fast", "eager", "-o", str(tmp_path / "t.png"))
     assert "noise, by design" in r.stderr and os.path.isfile(tmp_path / "t.png")
 
 
