@@ -1,0 +1,188 @@
+"""Parity with the official NextStep-1.1 pipeline: same checkpoint, prompts, settings and noise -> the same image.
+
+The reference is StepFun's GitHub inference code for 1.1 (`inference/gen_pipeline.py` + `inference/nextstep_model.py`
+at commit d6759c2, "L-GH" in the reference notes §14), run once on this project's tiny NextStep-1.1 checkpoint (see
+golden/README.md). Its samplers draw fresh noise inside the flow-matching head, so the golden file records every draw
+in order and these tests feed exactly those draws to our engine instead of its own generator.
+
+What the official 1.1 pipeline does, and therefore what is asserted here:
+- rows: [cond × B] + [image + negative × B if cfg_img != 1] + [negative × B if cfg != 1], B = prompts × images per
+  prompt, caption-major; BOS is prepended to every row iff the tokenizer has a bos_token, and the prefix
+  "<|image_area|>h*w" loses its first id in that case; then <|begin_of_image|>. Left padding.
+- per token k of T: guidance scale `constant`, or 1.1's `linear` = max(cfg/2, 1 + (cfg-1)·k/T) (rising);
+- time grid t_j = S_s(j/N), j < N, then 1.0; N updates, each on noise of shape [B, 64] drawn per row:
+  x0 first, then one draw per update for "sde" (Flow-GRPO, noise level 0.8) and "cps" (Flow-CPS), none for the ODE
+  (any other sde_type, our "euler");
+- optional per-token LayerNorm (use_norm), the normalised token is fed back; unpatchify with (h, w), so non-square
+  sizes work; edits encode the input with the VAE (posterior mean, per-token LayerNorm) and put it on the
+  placeholders of the cond and image+negative rows.
+Round-off between the two float32 implementations is ~1e-6 on tokens; the gates are 1e-4 and 2/255 per pixel.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import nextstep_core as ns
+from nextstep_core import generation
+
+HERE = os.path.join(os.path.dirname(__file__), "golden")
+CASES = json.load(open(os.path.join(HERE, "cases_v11.json")))
+IDS = [c["name"] for c in CASES]
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return np.load(os.path.join(HERE, "reference_v11_tiny.npz"))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """The tiny 1.1 checkpoint, and the same with a tokenizer that has a BOS token (for the BOS case)."""
+    from nextstep_core.testing import make_tiny_checkpoint
+
+    cache = {}
+
+    def get(bos):
+        if bos not in cache:
+            d = make_tiny_checkpoint(str(tmp_path_factory.mktemp("golden_v11") / "ckpt"), size="tiny", seed=0,
+                                     family="nextstep-1.1")
+            if bos is not None:  # the reference run used a copy whose tokenizer_config.json names this bos_token
+                path = os.path.join(d, "tokenizer_config.json")
+                cfg = json.load(open(path))
+                cfg["bos_token"] = bos
+                json.dump(cfg, open(path, "w"), indent=1)
+            cache[bos] = ns.load_model(d, dtype="float32"), ns.load_vae(d + "/vae")
+        return cache[bos]
+
+    return get
+
+
+def _images(case):
+    out = []
+    for spec in case.get("images") or []:
+        path, flip = (spec["path"], spec.get("flip")) if isinstance(spec, dict) else (spec, False)
+        img = Image.open(os.path.join(HERE, path)).convert("RGB")
+        out.append(img.transpose(Image.FLIP_LEFT_RIGHT) if flip else img)
+    return out
+
+
+class _RecordedNoise:
+    """Stands in for generation._Noise: hands out the reference's draws, token by token, as [draws, B, 64]."""
+
+    def __init__(self, noise):
+        self.noise, self.k = noise, 0
+
+    def next(self, draws):
+        assert draws == self.noise.shape[1], f"engine wants {draws} draws per token, the reference made " \
+                                             f"{self.noise.shape[1]}"
+        z = torch.from_numpy(self.noise[self.k].copy())
+        self.k += 1
+        return z
+
+
+def _run(checkpoints, case, noise, monkeypatch):
+    model, vae = checkpoints(case.get("tokenizer_bos"))
+    cond = ns.Conditioning(case["captions"], case["positive_prompt"], case["negative_prompt"])
+    if case.get("images"):
+        cond = ns.encode_edit_images(vae, cond, _images(case))
+    replay = _RecordedNoise(noise)
+    monkeypatch.setattr(generation, "_Noise", lambda *a, **k: replay)
+    h, w = case["hw"]
+    res = ns.sample(model, cond, width=w, height=h, images_per_prompt=case["num_images_per_caption"],
+                    cfg=case["cfg"], cfg_img=case["cfg_img"], cfg_schedule=case["cfg_schedule"],
+                    timesteps_shift=case["timesteps_shift"], steps=case["num_sampling_steps"],
+                    sampler=case["sampler"], use_norm=case["use_norm"], seed=case["seed"])
+    assert replay.k == noise.shape[0], "every recorded token's noise must be consumed"
+    return cond, res, ns.decode_latents(vae, res.latents)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_matches_the_official_v11_pipeline(checkpoints, golden, case, monkeypatch):
+    n = case["name"]
+    cond, res, images = _run(checkpoints, case, golden[f"{n}/noise"], monkeypatch)
+    tokens = golden[f"{n}/tokens"]
+    assert res.tokens.shape == tokens.shape
+    assert np.abs(res.tokens.numpy() - tokens).max() < 1e-4
+    assert np.abs(res.latents.numpy() - golden[f"{n}/latents"]).max() < 1e-4
+    pixels = (images.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).numpy().astype(int)
+    assert np.abs(pixels - golden[f"{n}/images"].astype(int)).max() <= 2
+    if case.get("images"):
+        ours = np.stack([lat.numpy() for lat in cond.edit_latents])
+        theirs = golden[f"{n}/edit_latents"][: len(ours)]  # the reference encodes the image+negative rows again
+        assert np.abs(ours - theirs).max() < 1e-4
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_same_rows_token_ids_and_padding(checkpoints, golden, case):
+    from nextstep_core.generation import guidance_branches
+    from nextstep_core.prompt import build_rows, grid_size, tokenize_rows
+
+    model, _ = checkpoints(case.get("tokenizer_bos"))
+    cond = ns.Conditioning(case["captions"], case["positive_prompt"], case["negative_prompt"])
+    grids = None
+    if case.get("images"):
+        grids = [(img.size[1] // 16, img.size[0] // 16) for img in _images(case)]
+        cond.edit_latents = [torch.zeros(1)] * len(grids)
+    h, w = grid_size(case["hw"][1], case["hw"][0], model.config)
+    rows, img_rows = build_rows(cond.prompts, cond.positive_prompt, cond.negative_prompt,
+                                case["num_images_per_caption"], guidance_branches(cond, case["cfg"], case["cfg_img"]),
+                                grids, model.config.family)
+    batch = tokenize_rows(model.tokenizer, model.config, rows, h, w, model.config.family, img_rows)
+    assert batch.input_ids.tolist() == golden[f"{case['name']}/input_ids"].tolist()
+    assert batch.real.long().tolist() == golden[f"{case['name']}/attention_mask"].tolist()
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_guidance_schedule_and_noise_shape(golden, case):
+    from nextstep_core.sampling import cfg_at, draws_needed
+
+    n = case["name"]
+    noise = golden[f"{n}/noise"]
+    T = noise.shape[0]
+    ours = [(cfg_at(k, T, case["cfg"], case["cfg_schedule"], ns.FAMILY_V1_1),
+             cfg_at(k, T, case["cfg_img"], case["cfg_schedule"], ns.FAMILY_V1_1)) for k in range(T)]
+    np.testing.assert_allclose(np.array(ours), golden[f"{n}/cfg_per_step"], rtol=0, atol=1e-6)
+    # one draw per row (not per image index, not tiled over prompts): B = prompts × images per prompt
+    B = len(case["captions"]) * case["num_images_per_caption"]
+    assert noise.shape[1:] == (draws_needed(case["num_sampling_steps"], case["sampler"], ns.FAMILY_V1_1), B, 64)
+
+
+def test_official_noise_is_one_seeded_stream(golden):
+    """The reference seeds torch's global generator with `seed` right before tokenising (after any VAE encode) and
+    then draws randn([B, 64]) per use, so a token's draws are consecutive slices of one stream."""
+    for case in CASES:
+        assert bool(golden[f"{case['name']}/noise_is_seeded_stream"]), case["name"]
+
+
+def _differs_in_rng_order(case):
+    """Where the engine's noise="reference" stream cannot equal the official 1.1 draws (see the xfail reason)."""
+    return len(case["captions"]) > 1 or bool(case.get("images"))
+
+
+RNG_ORDER_REASON = (
+    "engine bug (reported): generation._Noise(mode='reference') replays NextStep-1's RNG order for every family — "
+    "one [draws, images_per_prompt, 64] draw per token tiled over prompts, and for edits a posterior-sized draw "
+    "first. The official 1.1 code draws randn([B, 64]) per use with one row per image, untiled "
+    "(inference/nextstep_model.py:268,287,295), and seeds only after the VAE encode (inference/gen_pipeline.py:"
+    "557-568), so for 1.1 it must draw randn((draws, prompts*images_per_prompt, 64)) and skip the edit draw.")
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=RNG_ORDER_REASON)) if _differs_in_rng_order(c) else c
+    for c in CASES], ids=IDS)
+def test_reference_noise_mode_reproduces_the_official_v11_draws(checkpoints, golden, case):
+    """Without injected noise: noise="reference" with the same seed must give the official tokens."""
+    model, vae = checkpoints(case.get("tokenizer_bos"))
+    cond = ns.Conditioning(case["captions"], case["positive_prompt"], case["negative_prompt"])
+    if case.get("images"):
+        cond = ns.encode_edit_images(vae, cond, _images(case))
+    h, w = case["hw"]
+    res = ns.sample(model, cond, width=w, height=h, images_per_prompt=case["num_images_per_caption"],
+                    cfg=case["cfg"], cfg_img=case["cfg_img"], cfg_schedule=case["cfg_schedule"],
+                    timesteps_shift=case["timesteps_shift"], steps=case["num_sampling_steps"],
+                    sampler=case["sampler"], use_norm=case["use_norm"], seed=case["seed"], noise="reference")
+    assert np.abs(res.tokens.numpy() - golden[f"{case['name']}/tokens"]).max() < 1e-4
