@@ -7,9 +7,10 @@
 Noise modes:
 - "independent" (default): image b of a batch has its own generator seeded with seed + b, so a batch of N equals
   N single runs with seeds seed..seed+N-1, on every device (noise is drawn on the CPU).
-- "reference": the official pipeline's draws: one generator seeded with `seed`; for editing first one draw the
-  size of the input latents (the reference's VAE posterior sample, unused since the VAE is deterministic); then
-  per token one [n, 64] draw per noise use, n = images per prompt, shared by all prompts (the reference tiles it).
+- "reference": the official pipeline's draws: one generator seeded with `seed`. NextStep-1: for editing first one
+  draw the size of the input latents (the reference's VAE posterior sample, unused since the VAE is deterministic);
+  then per token one [n, 64] draw per noise use, n = images per prompt, shared by all prompts (the reference tiles
+  it). NextStep-1.1: one [images, 64] draw per noise use, nothing before (it seeds after the VAE encode).
 """
 from __future__ import annotations
 
@@ -222,11 +223,13 @@ def annealed_steps(k: int, total: int, steps: int, steps_end: int | None) -> int
 
 
 class _Noise:
-    def __init__(self, mode, seed, n_prompts, n_per_prompt, edit_rows_shape, dim):
+    def __init__(self, mode, seed, n_prompts, n_per_prompt, edit_rows_shape, dim, family):
         self.mode, self.n_prompts, self.n, self.dim = mode, n_prompts, n_per_prompt, dim
+        # NextStep-1's pipeline tiles one draw over the prompts; NextStep-1.1's draws one row per image
+        self.tiled = family != FAMILY_V1_1
         if mode == "reference":
             self.gen = [torch.Generator().manual_seed(seed)]
-            if edit_rows_shape is not None:
+            if edit_rows_shape is not None and self.tiled:  # 1.1 seeds after the VAE encode, so only 1 draws here
                 torch.randn(edit_rows_shape, generator=self.gen[0])  # the reference's VAE posterior draw
         else:
             self.gen = [torch.Generator().manual_seed(seed + b) for b in range(n_prompts * n_per_prompt)]
@@ -234,6 +237,8 @@ class _Noise:
     def next(self, draws: int) -> torch.Tensor:
         """Noise for one token: [draws, B, D] float32 (CPU)."""
         if self.mode == "reference":
+            if not self.tiled:
+                return torch.randn((draws, self.n_prompts * self.n, self.dim), generator=self.gen[0])
             z = torch.randn((draws, self.n, self.dim), generator=self.gen[0])
             return z.repeat(1, self.n_prompts, 1)
         return torch.stack([torch.randn((draws, self.dim), generator=g) for g in self.gen], dim=1)
@@ -270,7 +275,7 @@ def sample(model, cond: Conditioning, width: int = 512, height: int = 512, image
     edit_shape = None
     if cond.is_edit and image_rows:
         edit_shape = (len(image_rows), *cond.edit_latents[0].shape)
-    noise_src = _Noise(noise, seed, len(cond.prompts), images_per_prompt, edit_shape, mcfg.token_dim)
+    noise_src = _Noise(noise, seed, len(cond.prompts), images_per_prompt, edit_shape, mcfg.token_dim, family)
     plan = _Plan(total, h, w, branches, cfg, cfg_img, cfg_schedule, family, sampler, steps, steps_end,
                  timesteps_shift, use_norm, hoist, batch.input_ids.shape[1], len(cond.prompts) * images_per_prompt)
     mode = _fast_mode(fast, dev, steps_end)

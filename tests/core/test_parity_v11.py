@@ -158,24 +158,11 @@ def test_official_noise_is_one_seeded_stream(golden):
         assert bool(golden[f"{case['name']}/noise_is_seeded_stream"]), case["name"]
 
 
-def _differs_in_rng_order(case):
-    """Where the engine's noise="reference" stream cannot equal the official 1.1 draws (see the xfail reason)."""
-    return len(case["captions"]) > 1 or bool(case.get("images"))
-
-
-RNG_ORDER_REASON = (
-    "engine bug (reported): generation._Noise(mode='reference') replays NextStep-1's RNG order for every family — "
-    "one [draws, images_per_prompt, 64] draw per token tiled over prompts, and for edits a posterior-sized draw "
-    "first. The official 1.1 code draws randn([B, 64]) per use with one row per image, untiled "
-    "(inference/nextstep_model.py:268,287,295), and seeds only after the VAE encode (inference/gen_pipeline.py:"
-    "557-568), so for 1.1 it must draw randn((draws, prompts*images_per_prompt, 64)) and skip the edit draw.")
-
-
-@pytest.mark.parametrize("case", [
-    pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=RNG_ORDER_REASON)) if _differs_in_rng_order(c) else c
-    for c in CASES], ids=IDS)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_reference_noise_mode_reproduces_the_official_v11_draws(checkpoints, golden, case):
-    """Without injected noise: noise="reference" with the same seed must give the official tokens."""
+    """Without injected noise: noise="reference" with the same seed must give the official tokens.
+
+    NextStep-1.1 draws one noise row per image (untiled) and seeds after the VAE encode, unlike NextStep-1."""
     model, vae = checkpoints(case.get("tokenizer_bos"))
     cond = ns.Conditioning(case["captions"], case["positive_prompt"], case["negative_prompt"])
     if case.get("images"):
