@@ -159,3 +159,15 @@ def test_interrupt_then_rerun_matches_fresh_run(comfy):
     assert "3" not in cached, "the sampler did not run again"
     again = assert_success(comfy, again_entry)
     assert all(np.array_equal(fresh, img) for img in again), "a run after an interrupt differs from a fresh run"
+
+
+def test_a_wrong_kind_of_value_is_rejected_before_running(comfy):
+    """Wiring a core LATENT where the sampler wants NextStep conditioning fails validation (400), nothing runs."""
+    prompt = t2i_prompt(comfy, prefix="mistyped")
+    sampler = next(k for k, n in prompt.items() if n["class_type"] == "NextStepSampler")
+    prompt["900"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    prompt[sampler]["inputs"]["conditioning"] = ["900", 0]
+    with pytest.raises(cs.RequestError) as err:
+        comfy.queue(prompt)
+    assert err.value.status == 400
+    assert "return_type_mismatch" in str(err.value.body), err.value.body
