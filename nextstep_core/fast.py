@@ -33,6 +33,7 @@ class StaticTokenStep:
         dev, dtype, cfg = model.device, model.dtype, model.config
         self.model, self.cache, self.branches = model, cache, branches
         self.grid, self.grid_dev, self.sampler, self.family = grid, grid.to(dev), sampler, cfg.family
+        self.temb = model.image_head.time_embeddings(self.grid_dev[:-1], dtype)  # fixed: outside the graph
         self.use_norm = use_norm
         self.c = torch.zeros(branches * n_img, cfg.hidden_size, device=dev, dtype=dtype)
         self.noise = torch.zeros(draws, n_img, cfg.token_dim, device=dev)
@@ -59,7 +60,7 @@ class StaticTokenStep:
         cc = model.image_out_projector(c)
         guide = Guidance(self.branches, self.cfg_t, self.cfg_img_t)
         tok = sample_token(model.image_head, cc, self.noise, self.grid, guide, self.sampler, self.family,
-                           grid_dev=self.grid_dev).to(self.token.dtype)
+                           grid_dev=self.grid_dev, temb=self.temb).to(self.token.dtype)
         if self.use_norm:
             tok = F.layer_norm(tok, (tok.shape[-1],), eps=1e-6)
         self.token.copy_(tok)

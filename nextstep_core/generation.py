@@ -170,11 +170,13 @@ def _eager_stepper(model, plan: _Plan, cache, c):
         c = state["c"]
         cc = model.image_out_projector(c if pos is None else c + pos.to(c.dtype))
         n_steps = annealed_steps(k, plan.total, plan.steps, plan.steps_end)
-        if n_steps not in grids:
-            grids[n_steps] = time_grid(n_steps, plan.shift, plan.family)
+        if n_steps not in grids:  # the grid, on the device, and its time embeddings: once per generation
+            t = time_grid(n_steps, plan.shift, plan.family)
+            grids[n_steps] = (t, t.to(dev), model.image_head.time_embeddings(t[:-1].to(dev), dtype))
+        grid, grid_dev, temb = grids[n_steps]
         noise = noise[:draws_needed(n_steps, plan.sampler, plan.family)].to(dev)
-        tok = sample_token(model.image_head, cc, noise, grids[n_steps], Guidance(plan.branches, *plan.guidance(k)),
-                           plan.sampler, plan.family, plan.hoist).to(dtype)
+        tok = sample_token(model.image_head, cc, noise, grid, Guidance(plan.branches, *plan.guidance(k)),
+                           plan.sampler, plan.family, plan.hoist, grid_dev, temb).to(dtype)
         if plan.use_norm:
             tok = F.layer_norm(tok, (tok.shape[-1],), eps=1e-6)
         if k + 1 < plan.total:  # nothing reads the model after the last token

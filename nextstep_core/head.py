@@ -103,11 +103,18 @@ class FlowMatchingHead(nn.Module):
         t = torch.as_tensor(t, dtype=torch.float32, device=c.device).expand(x.shape[0]).to(dtype)
         return self.net(x.to(dtype), t, c).float()
 
-    def modulations(self, t_grid: torch.Tensor, c: torch.Tensor) -> list[torch.Tensor]:
-        """AdaLN vectors for every (step, row): one [N, R, k*dim] tensor per block, final layer last."""
+    def time_embeddings(self, t_grid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """time_embed of a whole time grid [N] -> [N, dim]: fixed for a generation, so callers compute it once."""
+        return self.net.time_embed(t_grid.to(dtype))
+
+    def modulations(self, t_grid: torch.Tensor, c: torch.Tensor, temb: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """AdaLN vectors for every (step, row): one [N, R, k*dim] tensor per block, final layer last.
+
+        `temb`: `time_embeddings(t_grid)` when the caller keeps it (it is the same for every token)."""
         net = self.net
         dtype = c.dtype
-        temb = net.time_embed(t_grid.to(dtype))  # [N, dim]: the same for every row
+        if temb is None:
+            temb = self.time_embeddings(t_grid, dtype)  # [N, dim]: the same for every row
         cemb = net.cond_embed(c)  # [R, dim]: the same for every step
         y = F.silu(temb[:, None, :] + cemb[None, :, :])  # [N, R, dim]
         mods = [blk.adaLN_modulation[1](y) for blk in net.res_blocks]

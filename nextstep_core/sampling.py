@@ -83,24 +83,26 @@ class Guidance:
 
 
 def sample_token(head, c: torch.Tensor, noise: torch.Tensor, grid: torch.Tensor, guidance: Guidance,
-                 sampler: str, family: str, hoist: bool = True, grid_dev: torch.Tensor | None = None) -> torch.Tensor:
+                 sampler: str, family: str, hoist: bool = True, grid_dev: torch.Tensor | None = None,
+                 temb: torch.Tensor | None = None) -> torch.Tensor:
     """Sample one token for each of B images.
 
     c: conditions of all guidance rows [branches*B, hidden] (model dtype); noise: [draws, B, D] fp32 on c's device;
     grid: `time_grid(...)` (CPU; its values become Python constants, which a CUDA graph bakes in); `grid_dev`: the
-    same on c's device, when the caller keeps one (no copy inside a captured graph). The guidance scales may be
-    device tensors. Returns the guided token [B, D] in float32.
+    same on c's device, when the caller keeps one (no copy inside a captured graph); `temb`: the grid's time
+    embeddings (`head.time_embeddings(grid[:-1])`), which the caller computes once per generation. The guidance
+    scales may be device tensors. Returns the guided token [B, D] in float32.
     """
     with expanded_weights(head, c.dtype):  # quantised head layers: dequantise once per token, not once per step
         return _sample_token(head, c, noise, grid, guidance, sampler, family, hoist,
-                             grid.to(c.device) if grid_dev is None else grid_dev)
+                             grid.to(c.device) if grid_dev is None else grid_dev, temb)
 
 
-def _sample_token(head, c, noise, grid, guidance, sampler, family, hoist, t_dev):
+def _sample_token(head, c, noise, grid, guidance, sampler, family, hoist, t_dev, temb):
     n_eval = len(grid) - 1  # number of head evaluations
     x = noise[0].clone()
     if hoist:
-        mods = head.modulations(t_dev[:n_eval], c)
+        mods = head.modulations(t_dev[:n_eval], c, temb)
         velocity = lambda i, xin: head.velocity_premod(xin, mods, i)  # noqa: E731
     else:
         velocity = lambda i, xin: head.velocity(xin, t_dev[i], c)  # noqa: E731

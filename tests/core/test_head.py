@@ -18,6 +18,8 @@ def test_hoisted_modulations_equal_the_plain_loop(tiny_model):
     x = torch.randn(6, 64)
     grid = torch.linspace(0, 0.9, 7)
     mods = head.modulations(grid, c)
+    reused = head.modulations(grid, c, head.time_embeddings(grid, c.dtype))  # time embeddings kept from before
+    assert all(torch.equal(a, b) for a, b in zip(mods, reused))
     for i, t in enumerate(grid):
         assert torch.allclose(head.velocity_premod(x, mods, i), head.velocity(x, t, c), atol=1e-5)
 
