@@ -331,6 +331,9 @@ def load_model(path: str, dtype="bfloat16", device=None, operations=None, attn_b
         raise NextStepError(f"unknown quantisation {quantize!r}; use fp8 or int8.")
     quantize = None if quant else quantize
     quant = quant or quantize
+    if quant == "fp8" and device.type == "mps":
+        raise NextStepError(f"{src.path}: Apple GPUs (MPS) cannot hold fp8 weights. Use int8 (convert --dtype int8, "
+                            "or weight dtype int8 on the loader) or bf16 there.")
     ops = quantized_operations(quant, operations) if quant else operations
     with torch.device("meta"):
         model = NextStep(cfg, ops, attn_backend, with_lm_head=load_lm_head)

@@ -117,3 +117,11 @@ def test_head_weights_are_expanded_once_per_token_and_released(tiny_dir):
         inside = head.velocity(x, 0.3, c)
     assert layer.expanded is None
     assert torch.allclose(plain, inside, atol=1e-5)
+
+
+def test_fp8_on_an_apple_gpu_is_refused_with_advice(tiny_dir, monkeypatch):
+    import nextstep_core.loading as L
+
+    monkeypatch.setattr(L, "check_dtype_supported", lambda dtype, device: None)  # no MPS device here
+    with pytest.raises(ns.NextStepError, match="MPS.*fp8.*int8"):
+        ns.load_model(tiny_dir, dtype="bfloat16", device="mps", quantize="fp8")
