@@ -115,7 +115,7 @@ def attention(q, k, v, mask, backend: str):
 
         return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
     if k.shape[1] != q.shape[1]:
-        if _SDPA_HAS_GQA:
+        if _SDPA_HAS_GQA and q.device.type != "mps":  # MPS kernels have lagged behind on enable_gqa: repeat there
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         rep = q.shape[1] // k.shape[1]  # torch < 2.5: no native GQA in SDPA
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
