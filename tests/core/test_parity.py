@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import nextstep_core as ns
+from tests.core.golden_checks import assert_matches_golden
 
 HERE = os.path.join(os.path.dirname(__file__), "golden")
 CASES = json.load(open(os.path.join(HERE, "cases.json")))
@@ -48,16 +49,7 @@ def _run(ckpt, case):
 def test_matches_the_official_pipeline(ckpt, golden, case):
     n = case["name"]
     cond, res, images = _run(ckpt, case)
-    tokens = golden[f"{n}/tokens"]
-    assert res.tokens.shape == tokens.shape
-    assert np.abs(res.tokens.numpy() - tokens).max() < 1e-4
-    assert np.abs(res.latents.numpy() - golden[f"{n}/latent_pre_decode"]).max() < 1e-4
-    pixels = (images.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).numpy().astype(int)
-    assert np.abs(pixels - golden[f"{n}/images"].astype(int)).max() <= 2
-    if case.get("images"):
-        ours = np.stack([lat.numpy() for lat in cond.edit_latents])
-        theirs = golden[f"{n}/edit_latents"][: len(ours)]
-        assert np.abs(ours - theirs).max() < 1e-4
+    assert_matches_golden(golden, n, "latent_pre_decode", cond, res, images)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 import nextstep_core as ns
+from tests.core.golden_checks import assert_matches_golden
 from nextstep_core import generation
 
 HERE = os.path.join(os.path.dirname(__file__), "golden")
@@ -104,16 +105,7 @@ def _run(checkpoints, case, noise, monkeypatch):
 def test_matches_the_official_v11_pipeline(checkpoints, golden, case, monkeypatch):
     n = case["name"]
     cond, res, images = _run(checkpoints, case, golden[f"{n}/noise"], monkeypatch)
-    tokens = golden[f"{n}/tokens"]
-    assert res.tokens.shape == tokens.shape
-    assert np.abs(res.tokens.numpy() - tokens).max() < 1e-4
-    assert np.abs(res.latents.numpy() - golden[f"{n}/latents"]).max() < 1e-4
-    pixels = (images.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).numpy().astype(int)
-    assert np.abs(pixels - golden[f"{n}/images"].astype(int)).max() <= 2
-    if case.get("images"):
-        ours = np.stack([lat.numpy() for lat in cond.edit_latents])
-        theirs = golden[f"{n}/edit_latents"][: len(ours)]  # the reference encodes the image+negative rows again
-        assert np.abs(ours - theirs).max() < 1e-4
+    assert_matches_golden(golden, n, "latents", cond, res, images)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

@@ -1,0 +1,17 @@
+"""The comparison both parity tests make between one generation and a reference golden case."""
+import numpy as np
+import torch
+
+
+def assert_matches_golden(golden, name: str, latents_key: str, cond, res, images) -> None:
+    """Tokens and raw latents within 1e-4, PNG pixels within 2/255, edit latents within 1e-4."""
+    tokens = golden[f"{name}/tokens"]
+    assert res.tokens.shape == tokens.shape
+    assert np.abs(res.tokens.numpy() - tokens).max() < 1e-4
+    assert np.abs(res.latents.numpy() - golden[f"{name}/{latents_key}"]).max() < 1e-4
+    pixels = (images.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).numpy().astype(int)
+    assert np.abs(pixels - golden[f"{name}/images"].astype(int)).max() <= 2
+    if cond.is_edit:
+        ours = np.stack([lat.numpy() for lat in cond.edit_latents])
+        theirs = golden[f"{name}/edit_latents"][: len(ours)]  # the reference also encodes the image+negative rows
+        assert np.abs(ours - theirs).max() < 1e-4
