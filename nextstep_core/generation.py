@@ -119,6 +119,19 @@ def guidance_branches(cond: Conditioning, cfg: float, cfg_img: float) -> int:
     return 2 if cfg != 1.0 else 1
 
 
+def prompt_batch(model, cond: Conditioning, width: int, height: int, images_per_prompt: int, branches: int):
+    """The left-padded token ids of every guidance row, laid out as the reference lays them out."""
+    cfg = model.config
+    edit_grids = None
+    if cond.is_edit:
+        edit_grids = [(lat.shape[1] // cfg.latent_patch_size, lat.shape[2] // cfg.latent_patch_size)
+                      for lat in cond.edit_latents]
+    rows, image_rows = build_rows(cond.prompts, cond.positive_prompt, cond.negative_prompt, images_per_prompt,
+                                  branches, edit_grids, cfg.family)
+    h, w = grid_size(width, height, cfg)
+    return tokenize_rows(model.tokenizer, cfg, rows, h, w, cfg.family, image_rows)
+
+
 def _embed(model, batch, cond: Conditioning, n_per_prompt: int, device):
     x = model.embed_text(batch.input_ids.to(device))
     if not batch.rows_with_image:
@@ -266,14 +279,9 @@ def sample(model, cond: Conditioning, width: int = 512, height: int = 512, image
     h, w = grid_size(width, height, mcfg)
     total = h * w
     branches = guidance_branches(cond, cfg, cfg_img)
-    edit_grids = None
-    if cond.is_edit:
-        edit_grids = [(lat.shape[1] // mcfg.latent_patch_size, lat.shape[2] // mcfg.latent_patch_size)
-                      for lat in cond.edit_latents]
-    rows, image_rows = build_rows(cond.prompts, cond.positive_prompt, cond.negative_prompt, images_per_prompt,
-                                  branches, edit_grids, family)
-    batch = tokenize_rows(model.tokenizer, mcfg, rows, h, w, family, image_rows)
-    check_fits(model, len(rows), batch.input_ids.shape[1] + total)
+    batch = prompt_batch(model, cond, width, height, images_per_prompt, branches)
+    rows, image_rows = batch.input_ids.shape[0], batch.rows_with_image
+    check_fits(model, rows, batch.input_ids.shape[1] + total)
     edit_shape = None
     if cond.is_edit and image_rows:
         edit_shape = (len(image_rows), *cond.edit_latents[0].shape)
@@ -282,7 +290,7 @@ def sample(model, cond: Conditioning, width: int = 512, height: int = 512, image
                  timesteps_shift, use_norm, hoist, batch.input_ids.shape[1], len(cond.prompts) * images_per_prompt)
     mode = _fast_mode(fast, dev, steps_end)
     with torch.inference_mode():
-        cache = model.new_cache(len(rows), plan.prompt_len + total - 1, dtype, dev)
+        cache = model.new_cache(rows, plan.prompt_len + total - 1, dtype, dev)
         x = _embed(model, batch, cond, images_per_prompt, dev).to(dtype)
         c = model.forward_embeds(x, cache, batch.real.to(dev))[:, -1]
         next_token = _eager_stepper(model, plan, cache, c) if mode == "eager" else \

@@ -15,3 +15,20 @@ def assert_matches_golden(golden, name: str, latents_key: str, cond, res, images
         ours = np.stack([lat.numpy() for lat in cond.edit_latents])
         theirs = golden[f"{name}/edit_latents"][: len(ours)]  # the reference also encodes the image+negative rows
         assert np.abs(ours - theirs).max() < 1e-4
+
+
+def assert_same_prompt_ids(golden, case: dict, model, input_sizes=None) -> None:
+    """The padded token ids and attention mask of every guidance row equal the reference's.
+
+    `input_sizes`: (width, height) of each edit input image; stand-in latents of that size carry the grid."""
+    import nextstep_core as ns
+    from nextstep_core.generation import prompt_batch
+
+    cond = ns.Conditioning(case["captions"], case["positive_prompt"], case["negative_prompt"])
+    if input_sizes:
+        cond.edit_latents = [torch.zeros(16, h // 8, w // 8) for w, h in input_sizes]
+    h, w = case["hw"]
+    batch = prompt_batch(model, cond, w, h, case["num_images_per_caption"],
+                         ns.guidance_branches(cond, case["cfg"], case["cfg_img"]))
+    assert batch.input_ids.tolist() == golden[f"{case['name']}/input_ids"].tolist()
+    assert batch.real.long().tolist() == golden[f"{case['name']}/attention_mask"].tolist()

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 import nextstep_core as ns
-from tests.core.golden_checks import assert_matches_golden
+from tests.core.golden_checks import assert_matches_golden, assert_same_prompt_ids
 from nextstep_core import generation
 
 HERE = os.path.join(os.path.dirname(__file__), "golden")
@@ -110,22 +110,8 @@ def test_matches_the_official_v11_pipeline(checkpoints, golden, case, monkeypatc
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_same_rows_token_ids_and_padding(checkpoints, golden, case):
-    from nextstep_core.generation import guidance_branches
-    from nextstep_core.prompt import build_rows, grid_size, tokenize_rows
-
     model, _ = checkpoints(case.get("tokenizer_bos"))
-    cond = ns.Conditioning(case["captions"], case["positive_prompt"], case["negative_prompt"])
-    grids = None
-    if case.get("images"):
-        grids = [(img.size[1] // 16, img.size[0] // 16) for img in _images(case)]
-        cond.edit_latents = [torch.zeros(1)] * len(grids)
-    h, w = grid_size(case["hw"][1], case["hw"][0], model.config)
-    rows, img_rows = build_rows(cond.prompts, cond.positive_prompt, cond.negative_prompt,
-                                case["num_images_per_caption"], guidance_branches(cond, case["cfg"], case["cfg_img"]),
-                                grids, model.config.family)
-    batch = tokenize_rows(model.tokenizer, model.config, rows, h, w, model.config.family, img_rows)
-    assert batch.input_ids.tolist() == golden[f"{case['name']}/input_ids"].tolist()
-    assert batch.real.long().tolist() == golden[f"{case['name']}/attention_mask"].tolist()
+    assert_same_prompt_ids(golden, case, model, [img.size for img in _images(case)] if case.get("images") else None)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
