@@ -1,0 +1,121 @@
+"""The settings of one generation, as one object: what the CLI, the nodes and the API fill in and `sample` takes.
+
+    s = family_defaults(model.config.family).replace(width=768, seed=7)   # the reference's values, then yours
+    s.validate()                      # cheap, needs no model: run it before loading anything
+    res = sample(model, cond, s)      # sample validates again against the model's own limits
+
+`validate()` checks everything a user can get wrong (names, ranges, non-finite numbers, seeds) and raises
+`NextStepError` with what to change; `validate(model_config)` adds what depends on the model (the token size, the
+position table of models that have one).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from .errors import NextStepError
+from .family import family_of
+
+SAMPLERS = ("euler_maruyama", "euler", "flow_sde", "flow_cps")
+CFG_SCHEDULES = ("constant", "linear")
+NOISE_MODES = ("independent", "reference")
+FAST_MODES = ("auto", "graph", "static", "eager")
+MAX_SIDE = 4096  # pixels; 512 is what the model was trained at
+MAX_STEPS = 1000
+MAX_IMAGES = 64
+SEED_LIMIT = 2**64  # seeds are 64-bit unsigned, as ComfyUI's seed widget
+TOKEN_PIXELS = 16  # VAE downsampling 8 x latent patch 2: every published NextStep model
+
+
+@dataclass
+class SamplerSettings:
+    width: int = 512
+    height: int = 512
+    images_per_prompt: int = 1
+    cfg: float = 7.5  # text guidance; 1 = off
+    cfg_img: float = 1.0  # image guidance when editing; 1 = off
+    cfg_schedule: str = "constant"  # or "linear", as the family defines it
+    timesteps_shift: float = 1.0
+    steps: int = 50  # head steps per token
+    steps_end: int | None = None  # step annealing: head steps fall linearly to this at the last token
+    sampler: str | None = None  # None: the family's reference sampler
+    use_norm: bool = True  # layer-normalise each sampled token
+    seed: int = 42
+    noise: str = "independent"  # or "reference": the official pipeline's draws
+    fast: str = "auto"  # per-token path: auto, graph, static, eager
+    hoist: bool = True  # the head's AdaLN modulations of all steps at once (False: the plain per-step loop)
+
+    def replace(self, **changes) -> "SamplerSettings":
+        return replace(self, **changes)
+
+    def with_family(self, family) -> "SamplerSettings":
+        """These settings with the family's choices filled in where they were left open."""
+        return self if self.sampler is not None else self.replace(sampler=family_of(family).sampler)
+
+    @property
+    def stochastic(self) -> bool:
+        return self.sampler != "euler"
+
+    def validate(self, model_config=None) -> "SamplerSettings":
+        """Raise NextStepError naming every bad value and what to use instead; return self when all is well."""
+        problems = []
+        step = model_config.down_factor if model_config is not None else TOKEN_PIXELS
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            if not _is_int(v) or v % step or not step <= v <= MAX_SIDE:
+                problems.append(f"{name} {v!r} is not supported: use a multiple of {step} between {step} and "
+                                f"{MAX_SIDE} (512 is what the model was trained at)")
+        problems += _int_range("images per prompt", self.images_per_prompt, 1, MAX_IMAGES)
+        problems += _int_range("steps", self.steps, 1, MAX_STEPS)
+        if self.steps_end is not None:
+            problems += _int_range("steps_end", self.steps_end, 1, MAX_STEPS)
+        for name in ("cfg", "cfg_img", "timesteps_shift"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                problems.append(f"{name} must be a finite number above 0, got {v!r}")
+        for name, value, allowed in (("sampler", self.sampler, (None, *SAMPLERS)),
+                                     ("cfg schedule", self.cfg_schedule, CFG_SCHEDULES),
+                                     ("noise mode", self.noise, NOISE_MODES), ("fast mode", self.fast, FAST_MODES)):
+            if value not in allowed:
+                problems.append(f"unknown {name} {value!r}; choose one of {', '.join(a for a in allowed if a)}")
+        if not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT:
+            problems.append(f"seed must be a whole number from 0 to {SEED_LIMIT - 1}, got {self.seed!r}")
+        if self.steps_end is not None and self.fast in ("graph", "static"):
+            problems.append("step annealing (steps_end) changes the head's step count per token, which the "
+                            "fixed-shape fast path cannot; use fast 'auto' or 'eager' with it")
+        if model_config is not None and model_config.use_gen_pos_embed and not problems:
+            side = model_config.base_image_grid_size * step
+            if self.width > side or self.height > side:
+                problems.append(f"this model's position table covers at most {side}x{side} pixels; pick a "
+                                "smaller size")
+        if problems:
+            raise NextStepError("; ".join(problems) + ".")
+        return self
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int_range(name: str, v, lo: int, hi: int) -> list[str]:
+    if not _is_int(v) or not lo <= v <= hi:
+        return [f"{name} must be a whole number from {lo} to {hi}, got {v!r}"]
+    return []
+
+
+EDIT_CHANGES = dict(cfg_img=2.0, timesteps_shift=3.2)  # NextStep-1-Large-Edit's shipped example
+EDIT_NEGATIVE = "Copy original image."
+
+
+def family_defaults(family, edit: bool = False) -> SamplerSettings:
+    """The settings of the reference's shipped examples for this family (reference notes §5.9, §14.9)."""
+    fam = family_of(family)
+    s = SamplerSettings(cfg=7.5, cfg_img=1.0, cfg_schedule="constant", timesteps_shift=1.0, steps=fam.steps,
+                        sampler=fam.sampler, use_norm=fam.use_norm)
+    return s.replace(**EDIT_CHANGES) if edit else s
+
+
+def default_prompts(family, edit: bool = False) -> tuple[str, str]:
+    """(positive, negative) prompts of the reference's examples for this family."""
+    fam = family_of(family)
+    return ("", EDIT_NEGATIVE) if edit else (fam.positive_prompt, fam.negative_prompt)
