@@ -120,12 +120,14 @@ class _EagerStepper:
 
     path = "eager"
 
-    def __init__(self, model, plan: GenerationPlan, cache, c: torch.Tensor):
-        self.model, self.plan, self.cache, self.c = model, plan, cache, c
+    def __init__(self, model, plan: GenerationPlan, cache, c: torch.Tensor, noise_src: NoiseSource):
+        self.model, self.plan, self.cache, self.c, self.noise_src = model, plan, cache, c, noise_src
 
-    def step(self, k: int, noise: torch.Tensor, forced=None) -> torch.Tensor:
+    def step(self, k: int, forced=None) -> torch.Tensor:
         """Token k for every image [B, D] (float32, CPU); `forced` = (keep [B] bool, tokens [B, D]) or None."""
         model, plan = self.model, self.plan
+        # kept tokens draw their noise too, so the rest of the image keeps the stream of a full run
+        noise = self.noise_src.next(plan.draws)
         if forced is None or not bool(forced[0].all()):
             tok = self._sample(k, noise)
         else:
@@ -150,20 +152,18 @@ class _EagerStepper:
 
 
 class _StaticStepper:
-    """The same per-token work on fixed shapes (fast.py); captured as one CUDA graph when `capture`."""
+    """The same per-token work on fixed shapes (fast.py): a CUDA graph when `capture`, kept on the model for the
+    next generation of the same shape, with its KV cache (`cache` is that cache when `fixed` is a kept step)."""
 
-    def __init__(self, model, plan: GenerationPlan, cache, c: torch.Tensor, capture: bool):
-        from .fast import StaticTokenStep
+    def __init__(self, model, plan: GenerationPlan, cache, c: torch.Tensor, noise_src: NoiseSource, fixed, capture):
+        from .fast import new_static_step
 
-        self.plan = plan
-        self.fixed = StaticTokenStep(model, cache, plan, capture)
-        self.fixed.c.copy_(c)
-        self.path = "graph" if self.fixed.graph is not None else "static"
-        self.pin = model.device.type == "cuda"
+        self.fixed = fixed if fixed is not None else new_static_step(model, plan, cache, capture)
+        self.fixed.begin(plan, c, noise_src)
+        self.path = self.fixed.path
 
-    def step(self, k: int, noise: torch.Tensor, forced=None) -> torch.Tensor:
-        noise = noise.pin_memory() if self.pin else noise
-        return self.fixed.run(noise, *self.plan.guidance(k), last=k + 1 == self.plan.total, forced=forced)
+    def step(self, k: int, forced=None) -> torch.Tensor:
+        return self.fixed.run(k, forced=forced)
 
 
 def _fast_mode(fast: str, device: torch.device, annealing: bool) -> str:
@@ -174,6 +174,22 @@ def _fast_mode(fast: str, device: torch.device, annealing: bool) -> str:
     if fast == "graph" and not graphs_available(device):
         raise NextStepError(f"CUDA graphs need a CUDA device; this model is on {device}. Use fast='auto'.")
     return fast
+
+
+def _cache_for(model, plan: GenerationPlan, mode: str):
+    """(KV cache, kept fixed-shape step or None): a kept step of this shape brings its own cache; otherwise the
+    kept one is released first, so its memory counts as free when the new cache is checked against the device."""
+    from .fast import cache_slots, static_step
+
+    if mode == "eager":
+        model.release_step_cache()
+        check_fits(model, plan.rows, plan.prompt_len + plan.total)
+        return model.new_cache(plan.rows, plan.prompt_len + plan.total - 1), None
+    fixed = static_step(model, plan, capture=mode == "graph")
+    if fixed is not None:
+        return fixed.cache, fixed
+    check_fits(model, plan.rows, cache_slots(plan))
+    return model.new_cache(plan.rows, cache_slots(plan)), None
 
 
 def sample(model, cond: Conditioning, settings: SamplerSettings | None = None, progress=None, should_cancel=None,
@@ -192,27 +208,24 @@ def sample(model, cond: Conditioning, settings: SamplerSettings | None = None, p
     batch = prompt_batch(model, cond, s.width, s.height, s.images_per_prompt, branches)
     plan = GenerationPlan(s, family_of(mcfg), h, w, branches, batch.input_ids.shape[1],
                           len(cond.prompts) * s.images_per_prompt)
-    check_fits(model, plan.rows, plan.prompt_len + plan.total)
     forced = init.resolve(plan.n_img, h, w, mcfg.token_dim) if init is not None else None
     edit_shape = (len(batch.rows_with_image), *cond.edit_latents[0].shape) if batch.rows_with_image else None
     noise_src = NoiseSource(s.noise, s.seed, len(cond.prompts), s.images_per_prompt, mcfg.token_dim, plan.family,
                             edit_shape)
     mode = _fast_mode(s.fast, model.device, s.steps_end is not None)
     with torch.inference_mode():
-        cache = model.new_cache(plan.rows, plan.prompt_len + plan.total - 1)
+        cache, fixed = _cache_for(model, plan, mode)
         x = _embed(model, batch, cond, s.images_per_prompt, model.device).to(model.dtype)
         c = model.forward_embeds(x, cache, batch.real.to(model.device))[:, -1]
-        stepper = _EagerStepper(model, plan, cache, c) if mode == "eager" else \
-            _StaticStepper(model, plan, cache, c, capture=mode == "graph")
+        stepper = _EagerStepper(model, plan, cache, c, noise_src) if mode == "eager" else \
+            _StaticStepper(model, plan, cache, c, noise_src, fixed, capture=mode == "graph")
         tokens = torch.zeros(plan.n_img, plan.total, mcfg.token_dim, device="cpu" if mode == "eager" else model.device)
         if forced is not None:  # the canvas starts with the kept tokens, so previews show them from the start
             tokens.copy_(torch.where(forced[1][..., None], forced[0], 0.0))
         for k in range(plan.total):
             if should_cancel is not None and should_cancel():
                 raise GenerationCancelled(f"cancelled after {k} of {plan.total} tokens")
-            # kept tokens draw their noise too, so the rest of the image keeps the stream of a full run
-            noise = noise_src.next(plan.draws)
-            tokens[:, k] = stepper.step(k, noise, None if forced is None else (forced[1][:, k], forced[0][:, k]))
+            tokens[:, k] = stepper.step(k, None if forced is None else (forced[1][:, k], forced[0][:, k]))
             if progress is not None:
                 progress(k + 1, plan.total, tokens if forced is not None else tokens[:, :k + 1])
     tokens = tokens.float().cpu()

@@ -8,6 +8,10 @@ Every AdaLN input is `time_embed(t) + cond_embed(c)`, and both are known before 
 time grid is fixed and `c` is fixed per token. `modulations()` therefore computes the shift/scale/gate vectors of
 all steps in one matmul per block, so the AdaLN weights (most of the head's bytes) are read once per token instead
 of once per step; `velocity_premod()` then runs one step with them. `forward()` is the plain per-step form.
+
+`velocity_fused()` is the same step in fewer kernels (what a GPU pays for per step): the scale vectors come in as
+`1 + scale` (`modulations(..., plus_one=True)`), so modulation and gate + residual are one `addcmul` each, and the
+input projection runs once for all guidance rows (they share x) and is broadcast over them.
 """
 from __future__ import annotations
 
@@ -107,10 +111,12 @@ class FlowMatchingHead(nn.Module):
         """time_embed of a whole time grid [N] -> [N, dim]: fixed for a generation, so callers compute it once."""
         return self.net.time_embed(t_grid.to(dtype))
 
-    def modulations(self, t_grid: torch.Tensor, c: torch.Tensor, temb: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def modulations(self, t_grid: torch.Tensor, c: torch.Tensor, temb: torch.Tensor | None = None,
+                    plus_one: bool = False) -> list[torch.Tensor]:
         """AdaLN vectors for every (step, row): one [N, R, k*dim] tensor per block, final layer last.
 
-        `temb`: `time_embeddings(t_grid)` when the caller keeps it (it is the same for every token)."""
+        `temb`: `time_embeddings(t_grid)` when the caller keeps it (it is the same for every token). `plus_one`:
+        the scale part holds `1 + scale` (what `velocity_fused` takes), rounded as the plain form rounds it."""
         net = self.net
         dtype = c.dtype
         if temb is None:
@@ -119,6 +125,10 @@ class FlowMatchingHead(nn.Module):
         y = F.silu(temb[:, None, :] + cemb[None, :, :])  # [N, R, dim]
         mods = [blk.adaLN_modulation[1](y) for blk in net.res_blocks]
         mods.append(net.final_layer.adaLN_modulation[1](y))
+        if plus_one:
+            dim = cemb.shape[-1]
+            for m in mods:
+                m[..., dim:2 * dim].add_(1)
         return mods
 
     def velocity_premod(self, x: torch.Tensor, mods: list[torch.Tensor], step: int) -> torch.Tensor:
@@ -127,3 +137,19 @@ class FlowMatchingHead(nn.Module):
         for blk, mod in zip(net.res_blocks, mods):
             h = blk.apply_mod(h, mod[step])
         return net.final_layer.apply_mod(h, mods[-1][step]).float()
+
+    def velocity_fused(self, x: torch.Tensor, mods: list[torch.Tensor], step: int, rows: int) -> torch.Tensor:
+        """`velocity_premod` for `rows` guidance rows that share x [B, D]; mods from `modulations(plus_one=True)`.
+
+        Returns [rows, B, D] float32. Per block: layer norm, one addcmul for the modulation, the MLP, one addcmul for
+        gate + residual; the first block's norm runs on the shared [1, B, dim] input and broadcasts over the rows.
+        """
+        net = self.net
+        b = x.shape[0]
+        h = net.input_proj(x.to(mods[0].dtype))[None]  # [1, B, dim]
+        for blk, mod in zip(net.res_blocks, mods):
+            shift, scale1, gate = mod[step].view(rows, b, -1).chunk(3, dim=-1)
+            h = torch.addcmul(h, gate, blk.mlp(torch.addcmul(shift, blk.in_ln(h), scale1)))
+        shift, scale1 = mods[-1][step].view(rows, b, -1).chunk(2, dim=-1)
+        final = net.final_layer
+        return final.linear(torch.addcmul(shift, final.norm_final(h), scale1)).float()

@@ -360,6 +360,7 @@ def load_model(path: str, dtype="bfloat16", device=None, operations=None, attn_b
     model.source_path = src.path
     model.unexpected_keys = unexpected
     model.quant = quant
+    model.fuse_projections()  # q/k/v and gate/up as one matmul each, built once from the published tensors
     return model.eval().requires_grad_(False)
 
 

@@ -7,6 +7,11 @@ ComfyUI can hand in its own memory-managed Linear/Embedding.
 
 Positions follow the reference exactly: the position of a token is its slot index in the cache, left padding
 included; padding only ever shows up in the attention mask.
+
+Per-token speed is mostly the number of kernels a decode step launches, so after loading `fuse_projections()`
+merges q/k/v and gate/up into one matmul each (the published keys are what the files keep; the merged layers are
+built once, of the same layer class); RMSNorm is `F.rms_norm`, RoPE reads a cos/sin table and rotates q and k
+together in three ops, and a single query token attends to grouped K/V heads natively (`attention`).
 """
 from __future__ import annotations
 
@@ -22,8 +27,14 @@ from .head import FlowMatchingHead
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
+_HAS_RMS_NORM = hasattr(F, "rms_norm")  # torch >= 2.4
+
+
 class RMSNorm(nn.Module):
-    """x / rms(x) in float32, cast back to the input dtype, then times the weight (as the reference)."""
+    """x / rms(x) in float32, cast back to the input dtype, then times the weight (as the reference).
+
+    `F.rms_norm` computes exactly that (float32 statistics, cast, then the weight in the input dtype) in one call,
+    which is one fused kernel on GPUs; `reference()` is the reference's formula, kept for older torch and tests."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -31,6 +42,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _HAS_RMS_NORM:
+            return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+        return self.reference(x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -47,9 +63,27 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The reference's rotate-half RoPE (x [.., S, D] against cos/sin [S, D]): what `rope` is tested against."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def rope_table(length: int, head_dim: int, theta: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """[length, 2, D]: cos, and sin with its first half negated, of positions 0..length-1 (`rope` reads it)."""
+    cos, sin = rope_cos_sin(torch.arange(length, device=device), head_dim, theta, dtype)
+    half = head_dim // 2
+    return torch.stack([cos, torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)], dim=1)
+
+
+def rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """RoPE of x [B, S, H, D] with `table` rows [S, 2, D] in three ops: x cos + swap_halves(x) (±sin).
+
+    rotate_half(x) sin = swap_halves(x) * (-sin_lo, sin_hi), so the sign lives in the table, not in a kernel."""
+    cos, sin_signed = table[None, :, None, 0], table[None, :, None, 1]
+    b, s, h, d = x.shape
+    swapped = x.view(b, s, h, 2, d // 2).flip(-2).view(b, s, h, d)
+    return torch.addcmul(x * cos, swapped, sin_signed)
 
 
 class KVCache:
@@ -65,10 +99,19 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.real = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.slots = torch.arange(max_len, device=device)
+        self.bias_values = torch.tensor([0.0, float("-inf")], dtype=dtype, device=device)  # attend / hide
         self.has_padding = False  # decided once at prefill, so decode steps never ask the device
         self.max_len = max_len
         self.length = 0  # slots filled by the plain path
         self.visible: int | None = None  # slots attention reads; None = all (fixed shapes)
+
+    def reset(self):
+        """Empty again for a new prompt (the tensors stay where they are: a captured CUDA graph keeps reading them)."""
+        self.real.zero_()
+        self.has_padding = False
+        self.length = 0
+        self.visible = None
 
     def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """k, v [B, Hkv, S, D] go to slots `positions` [S] (a device tensor); returns the cache's k, v to attend."""
@@ -95,15 +138,29 @@ class Attention(nn.Module):
         self.k_proj = ops.Linear(h, self.n_kv * self.head_dim, bias=cfg.attention_bias)
         self.v_proj = ops.Linear(h, self.n_kv * self.head_dim, bias=cfg.attention_bias)
         self.o_proj = ops.Linear(self.n_heads * self.head_dim, h, bias=cfg.o_attention_bias)
+        self.register_module("qkv_proj", None)  # q, k and v as one layer, once `fuse` has run
 
-    def forward(self, x, cos, sin, cache: KVCache, layer: int, positions: torch.Tensor, mask):
+    def fuse(self) -> bool:
+        merged = merge_linears([self.q_proj, self.k_proj, self.v_proj])
+        if merged is not None:
+            del self.q_proj, self.k_proj, self.v_proj
+            self.qkv_proj = merged
+        return merged is not None
+
+    def forward(self, x, rope_rows, cache: KVCache, layer: int, positions: torch.Tensor, mask):
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = cache.update(layer, positions, k, v)
-        out = attention(q, k, v, mask, self.backend)
+        hq, hkv, d = self.n_heads, self.n_kv, self.head_dim
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x)
+            qk = rope(qkv[..., :(hq + hkv) * d].view(b, s, hq + hkv, d), rope_rows)  # q and k rotated together
+            q, k = qk[:, :, :hq], qk[:, :, hq:]
+            v = qkv[..., (hq + hkv) * d:].view(b, s, hkv, d)
+        else:
+            q = rope(self.q_proj(x).view(b, s, hq, d), rope_rows)
+            k = rope(self.k_proj(x).view(b, s, hkv, d), rope_rows)
+            v = self.v_proj(x).view(b, s, hkv, d)
+        k, v = cache.update(layer, positions, k.transpose(1, 2), v.transpose(1, 2))
+        out = attention(q.transpose(1, 2), k, v, mask, self.backend)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -113,6 +170,12 @@ def attention(q, k, v, mask, backend: str):
         from flash_attn import flash_attn_func  # optional; loader checked it imports
 
         return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    if k.shape[1] != q.shape[1] and q.shape[2] == 1:
+        # one query token: the heads of a K/V group become the query rows of that group, so attention is plain
+        # (no repeat, no enable_gqa) and can take the flash / memory-efficient / cuDNN kernels
+        b, hq, _, d = q.shape
+        out = F.scaled_dot_product_attention(q.reshape(b, k.shape[1], hq // k.shape[1], d), k, v, attn_mask=mask)
+        return out.reshape(b, hq, 1, d)
     if k.shape[1] != q.shape[1]:
         if _SDPA_HAS_GQA and q.device.type != "mps":  # MPS kernels have lagged behind on enable_gqa: repeat there
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
@@ -128,9 +191,42 @@ class MLP(nn.Module):
         self.gate_proj = ops.Linear(h, i, bias=cfg.mlp_bias)
         self.up_proj = ops.Linear(h, i, bias=cfg.mlp_bias)
         self.down_proj = ops.Linear(i, h, bias=cfg.mlp_bias)
+        self.register_module("gate_up_proj", None)  # gate and up as one layer, once `fuse` has run
+
+    def fuse(self) -> bool:
+        merged = merge_linears([self.gate_proj, self.up_proj])
+        if merged is not None:
+            del self.gate_proj, self.up_proj
+            self.gate_up_proj = merged
+        return merged is not None
 
     def forward(self, x):
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def merge_linears(parts: list) -> nn.Module | None:
+    """One layer computing cat([p(x) for p in parts], -1), of the parts' own class; None where they cannot merge.
+
+    Only plain float layers merge: a layer with any extra buffer (a quantisation scale, packed weights) keeps its
+    own kernels, since its format decides how it multiplies. The class is kept so a host's layer (ComfyUI's cast /
+    weight-streaming Linear) still runs the merged one; the parts' tensors are released once it is built.
+    """
+    first = parts[0]
+    cls, w0 = type(first), first.weight
+    for p in parts:
+        if type(p) is not cls or any(True for _ in p.buffers()) or p.weight.dtype != w0.dtype \
+                or p.weight.element_size() < 2 or not p.weight.dtype.is_floating_point \
+                or p.weight.device != w0.device or (p.bias is None) != (first.bias is None):
+            return None
+    with torch.device("meta"):
+        merged = cls(w0.shape[1], sum(p.weight.shape[0] for p in parts), bias=first.bias is not None)
+    merged.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
+    if first.bias is not None:
+        merged.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+    return merged
 
 
 class DecoderLayer(nn.Module):
@@ -141,8 +237,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache, layer, positions, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, positions, mask)
+    def forward(self, x, rope_rows, cache, layer, positions, mask):
+        x = x + self.self_attn(self.input_layernorm(x), rope_rows, cache, layer, positions, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -182,6 +278,25 @@ class NextStep(nn.Module):
         self.source_path = ""
         self.unexpected_keys: list[str] = []
         self.quant: str | None = None  # weight format when quantised: "fp8", "int8", ...
+        self.step_cache = None  # the fast path's captured per-token step, kept between calls (fast.StepCache)
+        self._rope: torch.Tensor | None = None  # `rope_table` rows, grown on demand
+
+    def fuse_projections(self) -> int:
+        """Merge q/k/v and gate/up into one matmul each (quantised layers stay apart); returns how many merged."""
+        return sum(int(layer.self_attn.fuse()) + int(layer.mlp.fuse()) for layer in self.layers)
+
+    def release_step_cache(self) -> None:
+        """Free the kept fast-path step (its CUDA graph, static buffers and KV cache)."""
+        self.step_cache = None
+
+    def rope_rows(self, length: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """The RoPE table for positions 0..length-1 at least (built in float32 and cast, as `rope_cos_sin`)."""
+        t = self._rope
+        if t is None or t.shape[0] < length or t.dtype != dtype or t.device != torch.device(device):
+            self.step_cache = None  # a kept CUDA graph reads the old table
+            n = max(length, 4096 if t is None else 2 * t.shape[0])
+            self._rope = t = rope_table(n, self.config.head_dim, self.config.rope_theta, dtype, device)
+        return t
 
     @property
     def dtype(self) -> torch.dtype:
@@ -209,11 +324,11 @@ class NextStep(nn.Module):
         if real is not None and s > 1:
             cache.has_padding = cache.has_padding or not bool(real.all())
         pos = torch.arange(start, end, device=x.device)
-        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
+        table = self.rope_rows(cache.max_len, x.dtype, x.device)[start:end]
         mask = self._mask(cache, start, end, s)
         cache.visible = end
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, pos, mask)
+            x = layer(x, table, cache, i, pos, mask)
         cache.length = end
         return self.norm(x)
 
@@ -221,14 +336,15 @@ class NextStep(nn.Module):
         """One decode step [B,1,H] at the slot held in the device tensor `pos` [1], with fixed shapes throughout.
 
         Attention reads the whole preallocated cache under a mask of the slots that are real and already written,
-        so nothing here depends on a host-side length: the step can be captured in a CUDA graph and replayed.
+        so nothing here depends on a host-side length: the step can be captured in a CUDA graph and replayed. The
+        mask is additive (0 / -inf), built once for all layers, so no attention kernel converts it again.
         """
-        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
-        slots = torch.arange(cache.max_len, device=x.device)
-        mask = (cache.real & (slots <= pos)[None, :])[:, None, None, :]
+        table = self.rope_rows(cache.max_len, x.dtype, x.device).index_select(0, pos)
+        visible = cache.real & (cache.slots <= pos)[None, :]
+        mask = torch.where(visible, cache.bias_values[0], cache.bias_values[1])[:, None, None, :]
         cache.visible = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, pos, mask)
+            x = layer(x, table, cache, i, pos, mask)
         return self.norm(x)
 
     def _mask(self, cache: KVCache, start: int, end: int, s: int):

@@ -11,6 +11,13 @@ Samplers (noise ξ comes in pre-drawn, `Family.draws_needed()` per token)
 - "flow_cps": NextStep-1.1's "cps" sampler (noise level 0.8).
 
 Guidance rows are laid out [cond | image+negative | negative-only]; all of them are evaluated in one call.
+
+Head loops (`SamplerSettings.head_loop`): "plain" evaluates the head step by step as the reference does (the
+reference the others are tested against); "hoisted" computes the AdaLN modulations of all steps at once; "fused"
+(default) also runs each step in as few kernels as the arithmetic allows. Every update rule is linear in (x, v, ξ),
+x' = a x + b v + c ξ, with a, b, c fixed by the time grid, so the fused loop reads them from a table built once per
+generation (`StepCoefficients`, taken from `_update` itself), scales all of a token's noise in one op, and spends
+three ops per step on guidance + update.
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ import torch
 
 from .family import Family
 from .quant import expanded_weights
-from .settings import CFG_SCHEDULES, SAMPLERS
+from .settings import CFG_SCHEDULES, HEAD_LOOPS, SAMPLERS
 
 NOISE_LEVEL = 0.8
 
@@ -51,6 +58,48 @@ class Guidance:
         v_c, v_u1, v_u2 = v.chunk(3)
         return v_u2 + self.cfg_img * (v_u1 - v_u2) + self.cfg * (v_c - v_u1)
 
+    def weights(self) -> torch.Tensor | None:
+        """The combine as weights of the rows (3 branches): v_c cfg + v_u1 (cfg_img - cfg) + v_u2 (1 - cfg_img)."""
+        if self.branches != 3:
+            return None
+        cfg, cfg_img = torch.as_tensor(self.cfg), torch.as_tensor(self.cfg_img)
+        return torch.stack([cfg, cfg_img - cfg, 1 - cfg_img]).float()[:, None, None]
+
+    def combine_rows(self, v: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+        """`combine` for v [branches, B, D] in one or two ops; `w` = `weights()`, computed once per token."""
+        if self.branches == 1:
+            return v[0]
+        if self.branches == 2:
+            return torch.lerp(v[1], v[0], self.cfg)
+        return (v * w).sum(0)
+
+
+@dataclass
+class StepCoefficients:
+    """x' = a x + b v + c ξ for each head step (Python floats, so a CUDA graph bakes them in); c as a tensor too."""
+    a: list
+    b: list
+    c: list
+    c_dev: torch.Tensor | None  # [steps that draw noise] on the model's device; None for the ODE sampler
+
+    @classmethod
+    def build(cls, grid: torch.Tensor, sampler: str, family: Family, device) -> "StepCoefficients":
+        n_eval = len(grid) - 1
+        one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+        a, b, c = [], [], []
+        for i in range(n_eval):
+            if family.final_step is not None and i == n_eval - 1:
+                a.append(1.0), b.append(family.final_step), c.append(0.0)
+                continue
+            xi = zero if sampler != "euler" else None
+            a.append(float(_update(sampler, one, zero, i, grid, xi)))
+            b.append(float(_update(sampler, zero, one, i, grid, xi)))
+            c.append(float(_update(sampler, zero, zero, i, grid, one)) if sampler != "euler" else 0.0)
+        noisy = sampler != "euler"
+        n_noise = family.draws_needed(n_eval, noisy) - 1
+        c_dev = torch.tensor(c[:n_noise], dtype=torch.float32, device=device)[:, None, None] if noisy else None
+        return cls(a, b, c, c_dev)
+
 
 @dataclass
 class HeadPlan:
@@ -60,14 +109,21 @@ class HeadPlan:
     temb: torch.Tensor  # time embeddings of grid[:-1], [N, dim] in the model dtype
     sampler: str
     family: Family
-    hoist: bool = True  # the AdaLN modulations of all steps in one matmul (False: the plain per-step loop)
+    loop: str = "fused"  # "plain" (per-step reference loop), "hoisted" or "fused": see the module docstring
+    coef: StepCoefficients | None = None  # the fused loop's per-step coefficients (built when loop == "fused")
+
+    def __post_init__(self):
+        if self.loop not in HEAD_LOOPS:
+            raise ValueError(f"unknown head loop {self.loop!r}; choose one of {HEAD_LOOPS}")
+        if self.loop == "fused" and self.coef is None:
+            self.coef = StepCoefficients.build(self.grid, self.sampler, self.family, self.grid_dev.device)
 
     @classmethod
     def build(cls, head, family: Family, steps: int, settings, device, dtype) -> "HeadPlan":
         grid = family.time_grid(steps, settings.timesteps_shift)
         grid_dev = grid.to(device)
         return cls(grid, grid_dev, head.time_embeddings(grid_dev[:-1], dtype), settings.sampler, family,
-                   settings.hoist)
+                   settings.head_loop)
 
     @property
     def draws(self) -> int:
@@ -85,10 +141,12 @@ def sample_token(head, c: torch.Tensor, noise: torch.Tensor, plan: HeadPlan, gui
 
 
 def _sample_token(head, c, noise, plan: HeadPlan, guidance: Guidance):
+    if plan.loop == "fused":
+        return _fused_loop(head, c, noise, plan, guidance)
     grid = plan.grid
     n_eval = len(grid) - 1  # number of head evaluations
     x = noise[0].clone()
-    if plan.hoist:
+    if plan.loop == "hoisted":
         mods = head.modulations(plan.grid_dev[:n_eval], c, plan.temb)
         velocity = lambda i, xin: head.velocity_premod(xin, mods, i)  # noqa: E731
     else:
@@ -102,6 +160,27 @@ def _sample_token(head, c, noise, plan: HeadPlan, guidance: Guidance):
             break
         xi = noise[i + 1] if plan.sampler != "euler" else None
         x = _update(plan.sampler, x, v, i, grid, xi)
+    return x
+
+
+def _fused_loop(head, c, noise, plan: HeadPlan, guidance: Guidance):
+    """The plain loop's arithmetic, reassociated: per step the head, then guidance and update in three ops."""
+    coef = plan.coef
+    n_eval = len(coef.a)
+    mods = head.modulations(plan.grid_dev[:n_eval], c, plan.temb, plus_one=True)
+    w = guidance.weights()
+    w = None if w is None else w.to(noise.device)
+    # every noise term of the token scaled at once: c_i ξ_i (the draws after x0, in step order)
+    scaled = noise[1:1 + len(coef.c_dev)] * coef.c_dev if coef.c_dev is not None else None
+    x = noise[0]
+    for i in range(n_eval):
+        v = guidance.combine_rows(head.velocity_fused(x, mods, i, guidance.branches), w)
+        a, b = coef.a[i], coef.b[i]
+        if coef.c[i] != 0.0:
+            base = torch.add(scaled[i], x, alpha=a)
+        else:
+            base = x if a == 1.0 else x * a
+        x = torch.add(base, v, alpha=b)
     return x
 
 

@@ -20,6 +20,7 @@ SAMPLERS = ("euler_maruyama", "euler", "flow_sde", "flow_cps")
 CFG_SCHEDULES = ("constant", "linear")
 NOISE_MODES = ("independent", "reference")
 FAST_MODES = ("auto", "graph", "static", "eager")
+HEAD_LOOPS = ("fused", "hoisted", "plain")  # how the head's sampling loop runs (sampling.py); all give one result
 MAX_SIDE = 4096  # pixels; 512 is what the model was trained at
 MAX_STEPS = 1000
 MAX_IMAGES = 64
@@ -43,7 +44,7 @@ class SamplerSettings:
     seed: int = 42
     noise: str = "independent"  # or "reference": the official pipeline's draws
     fast: str = "auto"  # per-token path: auto, graph, static, eager
-    hoist: bool = True  # the head's AdaLN modulations of all steps at once (False: the plain per-step loop)
+    head_loop: str = "fused"  # "fused" (fewest kernels), "hoisted" or "plain" (the per-step reference loop)
 
     def replace(self, **changes) -> "SamplerSettings":
         return replace(self, **changes)
@@ -75,7 +76,8 @@ class SamplerSettings:
                 problems.append(f"{name} must be a finite number above 0, got {v!r}")
         for name, value, allowed in (("sampler", self.sampler, (None, *SAMPLERS)),
                                      ("cfg schedule", self.cfg_schedule, CFG_SCHEDULES),
-                                     ("noise mode", self.noise, NOISE_MODES), ("fast mode", self.fast, FAST_MODES)):
+                                     ("noise mode", self.noise, NOISE_MODES), ("fast mode", self.fast, FAST_MODES),
+                                     ("head loop", self.head_loop, HEAD_LOOPS)):
             if value not in allowed:
                 problems.append(f"unknown {name} {value!r}; choose one of {', '.join(a for a in allowed if a)}")
         if not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT:

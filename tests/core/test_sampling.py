@@ -39,7 +39,7 @@ def test_euler_with_constant_velocity_moves_by_v_times_the_time_span():
     for fam in (FAMILY_V1, FAMILY_V1_1):
         grid = fam.time_grid(10, 1.0)
         noise = torch.zeros(1, 1, 64)
-        plan = HeadPlan(grid, grid, None, "euler", fam, hoist=False)
+        plan = HeadPlan(grid, grid, None, "euler", fam, loop="plain")
         x = sample_token(_ConstHead(v), torch.zeros(1, 4), noise, plan, Guidance(1, 1, 1))
         assert torch.allclose(x, v * float(grid[-1] - grid[0]), atol=1e-6)
 
