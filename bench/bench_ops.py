@@ -1,0 +1,181 @@
+"""Kernel-launching ops per image token at the real geometry (issue 10): a count, not a timing.
+
+    python bench/bench_ops.py                        # real NextStep-1 geometry on the meta device, bf16
+    python bench/bench_ops.py --repo /tmp/before     # the same count for another checkout (e.g. git main @7aa9e5f)
+    python bench/bench_ops.py --json out.json
+
+Every ATen op the fixed-shape per-token step dispatches is counted (`TorchDispatchMode`), except views and
+allocations, which launch no kernel. A function that is one fused kernel on a GPU — `F.rms_norm`, `F.layer_norm`,
+`F.scaled_dot_product_attention` — counts once whatever it decomposes into on the CPU (`TorchFunctionMode`).
+Tensors live on the meta device, so the 14B model at 48 layers costs no memory and no compute; the head has its
+real 12 blocks of 1536. Splits: per head step (the difference between two step counts, so fixed per-token work is
+not in it), per decoder layer (ops inside one layer's forward), and the per-token rest.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+FUSED_FUNCTIONS = ("rms_norm", "layer_norm", "scaled_dot_product_attention")
+NO_KERNEL = {"empty", "empty_strided", "empty_like", "detach", "alias", "lift_fresh", "_local_scalar_dense",
+             "set_", "resize_"}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts dispatched ops that launch a kernel, under a label (`scope`), and the fused functions as one."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+        self.by_op = collections.Counter()
+        self.scope = "other"
+        self.inside_fused = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not self.inside_fused and not func.is_view and name not in NO_KERNEL:
+            self.counts[self.scope] += 1
+            self.by_op[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    def count_fused(self, name):
+        self.counts[self.scope] += 1
+        self.by_op[name] += 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+class FusedAsOne(TorchFunctionMode):
+    def __init__(self, counter: OpCounter):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in FUSED_FUNCTIONS and not self.counter.inside_fused:
+            self.counter.count_fused(name)
+            self.counter.inside_fused += 1
+            try:
+                return func(*args, **(kwargs or {}))
+            finally:
+                self.counter.inside_fused -= 1
+        return func(*args, **(kwargs or {}))
+
+
+def count(fn, scopes=()) -> OpCounter:
+    """Run fn() and count its kernel-launching ops; `scopes` = [(module, label)] attribute ops to labels."""
+    counter = OpCounter()
+    hooks = []
+    for module, label in scopes:
+        def pre(_m, _a, label=label):
+            counter.scope = label
+
+        def post(_m, _a, _o):
+            counter.scope = "other"
+        hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    try:
+        with FusedAsOne(counter), counter:
+            fn()
+    finally:
+        for h in hooks:
+            h.remove()
+    return counter
+
+
+def build(layers: int, dtype: torch.dtype, fuse: bool):
+    from nextstep_core.config import ModelConfig
+    from nextstep_core.model import NextStep
+
+    cfg = ModelConfig(head_dim=128, num_hidden_layers=layers)
+    with torch.device("meta"):
+        model = NextStep(cfg).to(dtype).eval().requires_grad_(False)
+    if fuse and hasattr(model, "fuse_projections"):
+        model.fuse_projections()
+    return model
+
+
+def settings_for(steps: int, loop: str):
+    import dataclasses
+
+    from nextstep_core.settings import SamplerSettings
+
+    fields = {f.name for f in dataclasses.fields(SamplerSettings)}
+    s = SamplerSettings(steps=steps, cfg=7.5, sampler="euler_maruyama")
+    if "head_loop" in fields:
+        return s.replace(head_loop=loop)
+    if loop == "fused":
+        raise SystemExit("this checkout has no fused head loop")
+    return s.replace(hoist=loop == "hoisted")
+
+
+def per_token(model, steps: int, loop: str, branches: int, prompt_len: int = 64, total: int = 1024) -> OpCounter:
+    """Ops of one token of the fixed-shape step (head loop + feed-back + one decoder step)."""
+    from nextstep_core.family import family_of
+    from nextstep_core.fast import StaticTokenStep
+    from nextstep_core.plan import GenerationPlan
+
+    h = w = int(total ** 0.5)
+    plan = GenerationPlan(settings_for(steps, loop).validate(), family_of(model.config), h, w, branches, prompt_len, 1)
+    with torch.inference_mode():
+        cache = model.new_cache(plan.rows, prompt_len + total + 16)
+        step = StaticTokenStep(model, cache, plan, capture=False)
+        step._step()  # builds what is built once (tables); not counted
+        scopes = [(layer, "decoder layer") for layer in model.layers] + [(model.image_head, "head")]
+        return count(step._step, scopes)
+
+
+def measure(layers: int, dtype, loop: str, fuse: bool, branches: int) -> dict:
+    model = build(layers, dtype, fuse)
+    lo, hi = per_token(model, 10, loop, branches), per_token(model, 50, loop, branches)
+    per_step = (hi.total - lo.total) / 40
+    per_layer = hi.counts["decoder layer"] / layers
+    return {"per_token_50_steps": hi.total, "per_head_step": per_step,
+            "head_per_token_fixed": hi.total - 50 * per_step - hi.counts["decoder layer"],
+            "per_decoder_layer": per_layer, "decoder_layers_per_token": hi.counts["decoder layer"],
+            "top_ops_50_steps": dict(hi.by_op.most_common(12))}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repo", help="import nextstep_core from this checkout instead of this one")
+    p.add_argument("--layers", type=int, default=48)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--json")
+    a = p.parse_args(argv)
+    repo = a.repo or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.abspath(repo))
+    import nextstep_core
+
+    dtype = getattr(torch, a.dtype)
+    has_fused = "head_loop" in open(os.path.join(os.path.dirname(nextstep_core.__file__), "settings.py")).read()
+    loops = ("plain", "hoisted", "fused") if has_fused else ("plain", "hoisted")
+    print(f"# ops per image token, {a.layers} decoder layers, {a.dtype}, 50 head steps, from {nextstep_core.__file__}")
+    print(f"{'head loop':<9} {'decoder':<10} {'rows':>4} {'per token':>10} {'per step':>9} {'per layer':>10} "
+          f"{'head fixed':>10}")
+    out = {}
+    for loop in loops:
+        for fuse in ((False, True) if has_fused else (False,)):
+            for branches in (2, 3):
+                r = measure(a.layers, dtype, loop, fuse, branches)
+                out[f"{loop}/{'merged' if fuse else 'separate'}/{branches}"] = r
+                print(f"{loop:<9} {'merged' if fuse else 'separate':<10} {branches:>4} {r['per_token_50_steps']:>10} "
+                      f"{r['per_head_step']:>9.1f} {r['per_decoder_layer']:>10.1f} {r['head_per_token_fixed']:>10.1f}")
+    default = out.get("fused/merged/2") or out["hoisted/separate/2"]
+    print("\ndefault path, 2 rows, most frequent ops:", json.dumps(default["top_ops_50_steps"]))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
