@@ -10,7 +10,8 @@ medians are reported, because the shared CPU is noisy. Peak RSS is VmHWM from /p
 subprocess per variant (ru_maxrss would carry the parent's peak across exec).
 
 Sections
-  head      plain per-step head loop vs hoisted AdaLN modulations (whole generation, and sample_token alone)
+  head      plain per-step head loop vs hoisted AdaLN modulations vs the fused loop (whole generation, and
+            sample_token alone)
   fast      fast="eager" vs fast="static" (fixed shapes, no graph: what a CUDA graph would replay)
   quant     bf16 vs fp8 vs int8 weights: tokens/s, weight bytes, peak RSS, error vs bf16 on the same noise
   batch     1 vs 4 images per prompt in one pass
@@ -39,6 +40,7 @@ def bench_head(a, ck, R):
     from nextstep_core.family import family_of
     from nextstep_core.sampling import Guidance, HeadPlan, sample_token
 
+    loops = ("plain", "hoisted", "fused")
     model = ns.load_model(ck, dtype="bfloat16")
     cfg = model.config
     g = torch.Generator().manual_seed(123)
@@ -48,40 +50,43 @@ def bench_head(a, ck, R):
     guide = Guidance(2, 7.5, 1.0)
     settings = ns.family_defaults(cfg.family).replace(steps=50)
     with torch.inference_mode():
-        plans = {hoist: HeadPlan.build(model.image_head, family_of(cfg), 50, settings.replace(hoist=hoist),
-                                       model.device, model.dtype) for hoist in (False, True)}
+        plans = {loop: HeadPlan.build(model.image_head, family_of(cfg), 50, settings.replace(head_loop=loop),
+                                      model.device, model.dtype) for loop in loops}
     outs = {}
 
-    def head(hoist):
+    def head(loop):
         def f():
             with torch.inference_mode():
-                outs[hoist] = sample_token(model.image_head, cc, noise, plans[hoist], guide)
+                outs[loop] = sample_token(model.image_head, cc, noise, plans[loop], guide)
         return f
 
-    head(False)(), head(True)()  # warm-up
+    for loop in loops:  # warm-up
+        head(loop)()
     print("  head alone: sample_token, 50 steps, 2 guidance rows")
-    ht = interleave({"head plain": head(False), "head hoisted": head(True)}, a.head_reps)
+    ht = interleave({f"head {loop}": head(loop) for loop in loops}, a.head_reps)
     w, h = a.width, a.height
     n_tok = (w // 16) * (h // 16)
     print(f"  whole generation {w}x{h} ({n_tok} tokens), eager")
-    gt, gres = compare(model, w, h, {"gen plain": dict(hoist=False), "gen hoisted": dict(hoist=True)}, R)
-    res = {False: gres["gen plain"], True: gres["gen hoisted"]}
-    out = {
-        "tokens": n_tok,
-        "head_plain_s": summary(ht["head plain"]), "head_hoisted_s": summary(ht["head hoisted"]),
-        "head_plain_tok_s": 1 / med(ht["head plain"]), "head_hoisted_tok_s": 1 / med(ht["head hoisted"]),
-        "head_speedup": med(ht["head plain"]) / med(ht["head hoisted"]),
-        "gen_plain_s": summary(gt["gen plain"]), "gen_hoisted_s": summary(gt["gen hoisted"]),
-        "gen_plain_tok_s": n_tok / med(gt["gen plain"]), "gen_hoisted_tok_s": n_tok / med(gt["gen hoisted"]),
-        "gen_speedup": med(gt["gen plain"]) / med(gt["gen hoisted"]),
-        "head_hoist_vs_plain_rel_err": rel_err(outs[True], outs[False]),
-        "gen_hoist_vs_plain_tokens_rel_err": rel_err(res[True].tokens, res[False].tokens),
-    }
-    print(table([["head alone (sample_token)", out["head_plain_tok_s"], out["head_hoisted_tok_s"], out["head_speedup"]],
-                 ["whole generation", out["gen_plain_tok_s"], out["gen_hoisted_tok_s"], out["gen_speedup"]]],
-                ["medium, 50 steps, cfg 7.5", "plain tok/s", "hoisted tok/s", "hoisted/plain"]))
-    print(f"  hoisted vs plain: head output rel err {fmt(out['head_hoist_vs_plain_rel_err'])}, "
-          f"generated tokens rel err {fmt(out['gen_hoist_vs_plain_tokens_rel_err'])}")
+    gt, gres = compare(model, w, h, {f"gen {loop}": dict(head_loop=loop) for loop in loops}, R)
+    out = {"tokens": n_tok}
+    for loop in loops:
+        out[f"head_{loop}_s"] = summary(ht[f"head {loop}"])
+        out[f"head_{loop}_tok_s"] = 1 / med(ht[f"head {loop}"])
+        out[f"gen_{loop}_s"] = summary(gt[f"gen {loop}"])
+        out[f"gen_{loop}_tok_s"] = n_tok / med(gt[f"gen {loop}"])
+        out[f"head_{loop}_vs_plain_rel_err"] = rel_err(outs[loop], outs["plain"])
+        out[f"gen_{loop}_vs_plain_tokens_rel_err"] = rel_err(gres[f"gen {loop}"].tokens, gres["gen plain"].tokens)
+    out["head_speedup"] = med(ht["head plain"]) / med(ht["head hoisted"])  # hoisted / plain, as before
+    out["gen_speedup"] = med(gt["gen plain"]) / med(gt["gen hoisted"])
+    out["head_fused_over_hoisted"] = med(ht["head hoisted"]) / med(ht["head fused"])
+    out["gen_fused_over_hoisted"] = med(gt["gen hoisted"]) / med(gt["gen fused"])
+    rows = [["head alone (sample_token)", *(out[f"head_{lp}_tok_s"] for lp in loops), out["head_fused_over_hoisted"]],
+            ["whole generation", *(out[f"gen_{lp}_tok_s"] for lp in loops), out["gen_fused_over_hoisted"]]]
+    print(table(rows,
+                ["medium, 50 steps, cfg 7.5", "plain tok/s", "hoisted tok/s", "fused tok/s", "fused/hoisted"]))
+    for loop in ("hoisted", "fused"):
+        print(f"  {loop} vs plain (bf16): head output rel err {fmt(out[f'head_{loop}_vs_plain_rel_err'])}, "
+              f"generated tokens rel err {fmt(out[f'gen_{loop}_vs_plain_tokens_rel_err'])}")
     return out
 
 
@@ -233,7 +238,9 @@ def main(argv=None) -> int:
     r = results
     if "head_speedup" in r.get("head", {}):
         summary_rows += [["hoisted / plain head, head alone (tok/s)", r["head"]["head_speedup"]],
-                         ["hoisted / plain head, whole generation (tok/s)", r["head"]["gen_speedup"]]]
+                         ["hoisted / plain head, whole generation (tok/s)", r["head"]["gen_speedup"]],
+                         ["fused / hoisted head, head alone (tok/s)", r["head"]["head_fused_over_hoisted"]],
+                         ["fused / hoisted head, whole generation (tok/s)", r["head"]["gen_fused_over_hoisted"]]]
     for size, o in r.get("fast", {}).items():
         if isinstance(o, dict) and "static_over_eager_speed" in o:
             summary_rows.append([f"static / eager speed ({size})", o["static_over_eager_speed"]])

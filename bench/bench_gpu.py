@@ -12,13 +12,16 @@ noise "independent", seed 42:
     bf16 eager, 1 image       a few dozen tokens timed, extrapolated to 1024
     bf16 graph, 1 image       up to all 1024 tokens (time-capped; extrapolated if capped)
     graph == eager            the first tokens of both runs, same noise
+    sdpa backend              the kernel the decode attention picks (folded groups vs enable_gqa), cuDNN version
+    fp32 graph == eager       every token of a 256x256 image, eager vs the captured step, in float32
     bf16 graph, 4 images      images_per_prompt=4 in one pass
     fp8 graph, 1 image        decoder + head linears quantised in place (quant.quantize_weight, QuantLinear layout)
     kernels                   one 5120x13824 linear at 2 rows: bf16 vs fp8-dequant vs torch._scaled_mm (if present)
 
 Per phase: seconds per image (time to first token + 1024 x the steady per-token time), tokens/s, the number of tokens
-actually timed, and peak VRAM (torch.cuda.max_memory_allocated; VmHWM on CPU). Everything goes to
-$OUT/bench_gpu.json (or --out) after every phase, so a timeout still leaves the finished phases, and is printed.
+actually timed, which path ran, and peak VRAM (torch.cuda.max_memory_allocated, beside max_memory_reserved and the
+driver's mem_get_info; VmHWM on CPU). A "graph" phase whose graph did not capture FAILS (an error, not a number).
+Everything goes to $OUT/bench_gpu.json (or --out) after every phase, so a timeout still leaves the finished phases.
 Goals (issue 5): <= 12 s per 512^2 image in bf16 at 50 steps; <= 6 s in fp8 with <= 17 GB peak VRAM; 4 images in
 <= 1.5x the time of one.
 """
@@ -34,6 +37,7 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import dump_json, env_info, proc_status, rel_err, table  # noqa: E402
+from gpu_checks import fp32_graph_vs_eager, sdpa_info, sync  # noqa: E402
 
 T_START = time.perf_counter()
 QWEN_VOCAB = 152064
@@ -41,13 +45,6 @@ QWEN_VOCAB = 152064
 
 def elapsed() -> float:
     return time.perf_counter() - T_START
-
-
-def sync(dev):
-    import torch
-
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def init_(name: str, p, gen) -> None:
@@ -93,7 +90,13 @@ def build_model(size: str, dev, dtype, tok_dir: str):
     model.latent_affine = (1.0, 0.0)
     model.source_path = "random:" + size
     model.quant = None
+    model.fuse_projections()  # as loading.load_model does
     return model.eval().requires_grad_(False)
+
+
+def published_name(name: str) -> str:
+    """A merged layer (qkv_proj, gate_up_proj) is quantised as its first part is: the formats scale per row."""
+    return name.replace("qkv_proj", "q_proj").replace("gate_up_proj", "gate_proj")
 
 
 def quantize_fp8_(model) -> int:
@@ -105,7 +108,7 @@ def quantize_fp8_(model) -> int:
 
     n = 0
     for name, mod in model.named_modules():
-        if hasattr(mod, "weight_scale") and should_quantize(name + ".weight"):
+        if hasattr(mod, "weight_scale") and should_quantize(published_name(name) + ".weight"):
             q, s = quantize_weight(mod.weight.data, "fp8")
             mod.weight = nn.Parameter(q, requires_grad=False)
             mod.weight_scale = s
@@ -125,6 +128,17 @@ def peak_mem(dev):
     import torch
 
     return torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else proc_status("VmHWM")
+
+
+def mem_report(dev) -> dict:
+    """Beside the allocator's peak: what it reserved from the driver, and what the driver says is free."""
+    import torch
+
+    if dev.type != "cuda":
+        return {}
+    free, total = torch.cuda.mem_get_info(dev)
+    return {"peak_reserved_bytes": torch.cuda.max_memory_reserved(dev), "device_free_bytes": free,
+            "device_total_bytes": total}
 
 
 def timed_sample(model, dev, fast: str, n_img: int, max_tokens: int, cap_s: float, warm: int = 2, width=512,
@@ -171,8 +185,14 @@ def timed_sample(model, dev, fast: str, n_img: int, max_tokens: int, cap_s: floa
         sync(dev)
         if st["tokens"] is None:
             st["tokens"] = res.tokens
+        path = res.path
     except GenerationCancelled:
         finished = False
+        kept = getattr(model, "step_cache", None)  # stopped early: the kept step says which path ran
+        path = kept.step.path if kept is not None and fast != "eager" else "eager"
+    if fast == "graph" and path != "graph":
+        err = getattr(getattr(getattr(model, "step_cache", None), "step", None), "capture_error", None)
+        raise RuntimeError(f"the CUDA graph did not capture (ran {path!r}): {err}")
     t_wall = time.perf_counter() - st["t0"]
     n = st["done"] - warm
     per_tok = (st["t_end"] - st["t_start"]) / n
@@ -182,7 +202,7 @@ def timed_sample(model, dev, fast: str, n_img: int, max_tokens: int, cap_s: floa
             "s_per_token": per_tok, "tokens_per_s": 1 / per_tok, "image_tokens_per_s": n_img / per_tok,
             "first_token_s": ttft, "s_per_pass": ttft + (total - 1) * per_tok,
             "s_per_image": (ttft + (total - 1) * per_tok) / n_img, "wall_s": t_wall,
-            "peak_mem_bytes": peak_mem(dev), "_tokens": st["tokens"]}
+            "peak_mem_bytes": peak_mem(dev), **mem_report(dev), "path": path, "_tokens": st["tokens"]}
 
 
 def kernel_bench(dev, dtype, reps: int = 50):
@@ -321,6 +341,9 @@ def main(argv=None) -> int:
                         "in float32"}
 
     phase("graph_vs_eager", compare, 0)
+    phase("sdpa_backend", lambda: sdpa_info(model, dev), 10)
+    phase(f"fp32_{graph_mode}_equals_eager", lambda: fp32_graph_vs_eager(model, dev, graph_mode, 256 if cuda else 32),
+          90 if cuda else 30)
     if isinstance(graph, dict) and "error" in graph and graph_mode == "graph":
         # capture failed: keep measuring the fixed-shape step without the graph, so the other phases still report
         R["notes"].append(f"CUDA graph phase failed ({graph['error'][:200]}); later phases use fast='static'")

@@ -4,9 +4,10 @@
     python bench/bench_ops.py --repo /tmp/before     # the same count for another checkout (e.g. git main @7aa9e5f)
     python bench/bench_ops.py --json out.json
 
-Every ATen op the fixed-shape per-token step dispatches is counted (`TorchDispatchMode`), except views and
-allocations, which launch no kernel. A function that is one fused kernel on a GPU — `F.rms_norm`, `F.layer_norm`,
-`F.scaled_dot_product_attention` — counts once whatever it decomposes into on the CPU (`TorchFunctionMode`).
+Every ATen op the fixed-shape per-token step dispatches on the model's device is counted (`TorchDispatchMode`),
+except views and allocations, which launch no kernel, and host-side work on CPU tensors (the time grid's scalars).
+A function that is one fused kernel on a GPU — `F.rms_norm`, `F.layer_norm`, `F.scaled_dot_product_attention` —
+counts once whatever it decomposes into on the CPU (`TorchFunctionMode`).
 Tensors live on the meta device, so the 14B model at 48 layers costs no memory and no compute; the head has its
 real 12 blocks of 1536. Splits: per head step (the difference between two step counts, so fixed per-token work is
 not in it), per decoder layer (ops inside one layer's forward), and the per-token rest.
@@ -24,8 +25,14 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 FUSED_FUNCTIONS = ("rms_norm", "layer_norm", "scaled_dot_product_attention")
-NO_KERNEL = {"empty", "empty_strided", "empty_like", "detach", "alias", "lift_fresh", "_local_scalar_dense",
+NO_KERNEL = {"empty", "empty_strided", "empty_like", "detach", "alias", "lift_fresh", "_local_scalar_dense", "item",
              "set_", "resize_"}
+
+
+def _on_device(args, kwargs) -> bool:
+    from torch.utils._pytree import tree_leaves
+
+    return any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in tree_leaves((args, kwargs)))
 
 
 class OpCounter(TorchDispatchMode):
@@ -40,7 +47,7 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if not self.inside_fused and not func.is_view and name not in NO_KERNEL:
+        if not self.inside_fused and not func.is_view and name not in NO_KERNEL and _on_device(args, kwargs):
             self.counts[self.scope] += 1
             self.by_op[name] += 1
         return func(*args, **(kwargs or {}))

@@ -36,10 +36,12 @@ WARMUP_STEPS = 2  # eager steps before capture (they allocate the workspaces out
 
 
 def step_key(model, plan) -> tuple:
-    """What a captured step bakes in: shapes, the head's time grid and sampler, the layer weights' dtype."""
+    """What a captured step bakes in: shapes, the head's time grid and sampler, the dtype, and where every weight
+    lives (a host that moves the model off the device and back, as ComfyUI does, gets a fresh capture)."""
     s = plan.settings
+    where = hash(tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers())))
     return (plan.rows, plan.n_img, plan.branches, plan.prompt_len, plan.h, plan.w, s.steps, s.timesteps_shift,
-            s.sampler, s.use_norm, s.head_loop, plan.family.name, model.dtype, str(model.device))
+            s.sampler, s.use_norm, s.head_loop, plan.family.name, model.dtype, str(model.device), where)
 
 
 def cache_slots(plan) -> int:

@@ -1,4 +1,5 @@
 """The decoder: cached decoding equals the full-sequence forward; padding is invisible to real tokens."""
+import pytest
 import torch
 
 from nextstep_core.model import KVCache, NextStep, rope_cos_sin
@@ -99,3 +100,86 @@ def test_layer_classes_are_injectable():
         m = NextStep(tiny_config("tiny"), operations=ops)
     assert made and all(isinstance(m.layers[0].self_attn.q_proj, CountingLinear) for _ in [0])
     assert isinstance(m.image_head.net.res_blocks[0].adaLN_modulation[1], CountingLinear)
+
+
+def test_merged_projections_equal_the_separate_ones():
+    torch.manual_seed(5)
+    separate, merged = _model(), _model()
+    assert merged.fuse_projections() == 2 * merged.config.num_hidden_layers
+    attn, mlp = merged.layers[0].self_attn, merged.layers[0].mlp
+    assert attn.qkv_proj is not None and not hasattr(attn, "q_proj") and mlp.gate_up_proj is not None
+    x = torch.randn(2, 7, merged.config.hidden_size)
+    real = torch.ones(2, 7, dtype=torch.bool)
+    real[0, :2] = False
+    a = separate.forward_embeds(x, separate.new_cache(2, 9), real)
+    b = merged.forward_embeds(x, merged.new_cache(2, 9), real)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_quantised_layers_are_not_merged_and_host_layer_classes_are_kept():
+    from nextstep_core.model import merge_linears
+    from nextstep_core.quant import make_quant_linear, quantize_weight
+
+    class HostLinear(torch.nn.Linear):
+        pass
+
+    parts = [HostLinear(8, 4), HostLinear(8, 6)]
+    merged = merge_linears(parts)
+    x = torch.randn(3, 8)
+    assert type(merged) is HostLinear and merged.weight.shape == (10, 8)
+    assert torch.allclose(merged(x), torch.cat([p(x) for p in parts], -1), atol=1e-6)
+    ql = make_quant_linear(torch.nn.Linear)
+    quant = [ql(8, 4), ql(8, 4)]
+    w, scale = quantize_weight(quant[0].weight.data, "int8")
+    quant[0].weight = torch.nn.Parameter(w, requires_grad=False)
+    quant[0].weight_scale = scale
+    assert merge_linears(quant) is None  # a quantisation scale: its format decides how it multiplies
+    assert merge_linears([torch.nn.Linear(8, 4), HostLinear(8, 4)]) is None
+
+
+def test_rms_norm_is_the_reference_float32_formula():
+    """fp32: the reference's formula. bf16: float32 statistics as the reference, the weight applied before the one
+    rounding (the reference rounds before and after it), so at most one bf16 step apart."""
+    from nextstep_core.model import RMSNorm
+
+    torch.manual_seed(6)
+    norm = RMSNorm(64, 1e-5)
+    norm.weight.data = 1 + 0.2 * torch.randn(64)
+    x = 3 * torch.randn(4, 5, 64)
+    assert torch.allclose(norm(x), norm.reference(x), atol=1e-6, rtol=1e-6)
+    n, xb = norm.to(torch.bfloat16), x.to(torch.bfloat16)
+    fast, ref = n(xb), n.reference(xb)
+    xf = xb.float()
+    once = (n.weight.float() * xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
+    assert fast.dtype == torch.bfloat16 and torch.equal(fast, once)
+    assert ((fast.float() - ref.float()).abs() <= ref.float().abs() * 2 ** -7).all()  # one bf16 step at most
+
+
+def test_table_rope_equals_rotate_half():
+    from nextstep_core.model import apply_rope, rope, rope_table
+
+    torch.manual_seed(7)
+    x = torch.randn(2, 3, 5, 16)  # [B, S, H, D]
+    positions = torch.tensor([4, 9, 30])
+    cos, sin = rope_cos_sin(positions, 16, 1e6, torch.float32)
+    ref = apply_rope(x.transpose(1, 2), cos, sin).transpose(1, 2)
+    out = rope(x, rope_table(40, 16, 1e6, torch.float32, "cpu")[positions])
+    assert torch.allclose(out, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_single_token_grouped_attention_equals_repeated_heads(masked):
+    """One query token: the group's heads become query rows against their K/V head (no repeat, no math fallback)."""
+    from nextstep_core.model import attention
+
+    torch.manual_seed(8)
+    q, k, v = torch.randn(3, 8, 1, 16), torch.randn(3, 2, 11, 16), torch.randn(3, 2, 11, 16)
+    mask = torch.rand(3, 1, 1, 11) > 0.3 if masked else None
+    if masked:
+        mask[..., 0] = True
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1),
+                                                           attn_mask=mask)
+    assert torch.allclose(attention(q, k, v, mask, "sdpa"), ref, atol=1e-6)
+    if masked:  # the fixed-shape path's additive mask (0 / -inf) is the same mask
+        bias = torch.where(mask, 0.0, float("-inf"))
+        assert torch.allclose(attention(q, k, v, bias, "sdpa"), ref, atol=1e-6)

@@ -62,3 +62,48 @@ def test_cps_last_step_returns_the_data_estimate():
     x, v = torch.randn(2, 4), torch.randn(2, 4)
     out = _update("flow_cps", x, v, 1, torch.tensor([0.0, 0.9, 1.0]), torch.randn(2, 4))
     assert torch.allclose(out, x + 0.1 * v)
+
+
+@pytest.mark.parametrize("family", [FAMILY_V1, FAMILY_V1_1], ids=lambda f: f.name)
+@pytest.mark.parametrize("sampler", ["euler_maruyama", "euler", "flow_sde", "flow_cps"])
+@pytest.mark.parametrize("guidance", [Guidance(1, 1.0, 1.0), Guidance(2, 4.0, 1.0), Guidance(3, 4.0, 2.0),
+                                      Guidance(3, 1.0, 2.5)], ids=["1row", "2rows", "3rows", "3rows-cfg1"])
+def test_fused_and_hoisted_loops_equal_the_plain_loop_on_the_same_noise(tiny_model, family, sampler, guidance):
+    from nextstep_core.settings import SamplerSettings
+
+    head, images = tiny_model.image_head, 2
+    g = torch.Generator().manual_seed(7)
+    c = torch.randn(guidance.branches * images, tiny_model.config.hidden_size, generator=g)
+    settings = SamplerSettings(sampler=sampler, timesteps_shift=2.0)
+    out = {}
+    for loop in ("plain", "hoisted", "fused"):
+        plan = HeadPlan.build(head, family, 6, settings.replace(head_loop=loop), tiny_model.device, tiny_model.dtype)
+        noise = torch.randn(plan.draws, images, 64, generator=torch.Generator().manual_seed(3))
+        with torch.inference_mode():
+            out[loop] = sample_token(head, c, noise, plan, guidance)
+    scale = out["plain"].abs().max()
+    assert (out["fused"] - out["plain"]).abs().max() <= 1e-6 * scale
+    assert (out["hoisted"] - out["plain"]).abs().max() <= 1e-6 * scale
+
+
+def test_step_coefficients_are_the_update_rules_in_closed_form():
+    """x' = a x + b v + c xi: e.g. the reference SDE at t has a = 1 - dt (1-t)/d, b = dt (1 + t (1-t)/d), c = ..."""
+    from nextstep_core.sampling import StepCoefficients
+
+    grid = FAMILY_V1.time_grid(5, 1.0)
+    coef = StepCoefficients.build(grid, "euler_maruyama", FAMILY_V1, "cpu")
+    t, dt = float(grid[1]), float(grid[2] - grid[1])
+    d = (1 - t) ** 2 + t * (1 - t)
+    assert math.isclose(coef.a[1], 1 - dt * (1 - t) / d, rel_tol=1e-9)
+    assert math.isclose(coef.b[1], dt * (1 + t * (1 - t) / d), rel_tol=1e-9)
+    assert math.isclose(coef.c[1], math.sqrt(2 * (1 - t)) * math.sqrt(dt), rel_tol=1e-9)
+    assert (coef.a[-1], coef.b[-1], coef.c[-1]) == (1.0, 0.04, 0.0)  # NextStep-1's fixed deterministic last step
+    assert coef.c_dev.shape == (4, 1, 1)  # one noise draw per stochastic step, after x0
+
+
+def test_an_unknown_head_loop_is_refused():
+    from nextstep_core import NextStepError
+    from nextstep_core.settings import SamplerSettings
+
+    with pytest.raises(NextStepError, match="unknown head loop 'turbo'"):
+        SamplerSettings(head_loop="turbo").validate()
