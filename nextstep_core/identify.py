@@ -110,7 +110,7 @@ def wrong_kind(path: str, expected: str, found: str) -> CheckpointError:
             "the NextStep VAE Loader in ComfyUI) and give the model folder (config.json + model-*.safetensors, or a "
             "file made by convert) as the model.")
     return CheckpointError(
-        f"{path} is the NextStep model, not its VAE: give the VAE instead (the model folder's vae/ subfolder, the "
+        f"{path} is the NextStep AR model, not its VAE: give the VAE instead (the model folder's vae/ subfolder, the "
         "NextStep-1-f8ch16-Tokenizer folder, or a VAE file made by convert), and load this one as the model.")
 
 

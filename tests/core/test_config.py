@@ -90,7 +90,7 @@ def test_vae_config_in_the_model_slot_and_back():
     vae = {"ch": 128, "ch_mult": [1, 2, 4, 4], "z_channels": 16, "scaling_factor": 1.0, "shift_factor": 0.0}
     with pytest.raises(CheckpointError, match=r"is a VAE \(the f8ch16 tokenizer\), not the model: load it as the VAE"):
         model_config_from_dict(vae)
-    with pytest.raises(CheckpointError, match="is the NextStep model, not its VAE"):
+    with pytest.raises(CheckpointError, match="is the NextStep AR model, not its VAE"):
         vae_config_from_dict(LARGE)
     with pytest.raises(CheckpointError, match="is not a NextStep VAE config"):
         vae_config_from_dict({"ch": 128})

@@ -122,10 +122,10 @@ def test_vae_in_the_model_slot(tiny_dir):
 def test_model_in_the_vae_slot(tiny_dir, tmp_path):
     from nextstep_core.convert import convert
 
-    with pytest.raises(CheckpointError, match="is the NextStep model, not its VAE"):
+    with pytest.raises(CheckpointError, match="is the NextStep AR model, not its VAE"):
         load_vae(tiny_dir)
     f = convert(tiny_dir, str(tmp_path / "model.safetensors"), "fp32")
-    with pytest.raises(CheckpointError, match="is the NextStep model, not its VAE"):
+    with pytest.raises(CheckpointError, match="is the NextStep AR model, not its VAE"):
         load_vae(f)
 
 
