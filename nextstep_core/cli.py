@@ -24,6 +24,7 @@ def _generate(args) -> int:
     from .download import resolve_model
     from .images import decode_latents, encode_edit_images
     from .loading import find_vae_for_model, load_model, load_vae
+    from .settings import default_prompts, family_defaults
 
     model_path = resolve_model(args.model, args.download_dir)
     device = args.device or ("cuda" if torch.cuda.is_available() else
@@ -36,11 +37,14 @@ def _generate(args) -> int:
     model = load_model(model_path, dtype=args.dtype, device=device, family=args.family)
     vae = load_vae(vae_path, dtype="float32" if args.dtype == "float32" else args.dtype, device=device)
     print(f"loaded in {time.perf_counter() - t0:.1f} s ({model.config.family}, {device})", file=sys.stderr)
-    d = G.family_defaults(model.config.family)
     edit = bool(args.edit_image)
-    pick = lambda v, k: v if v is not None else (G.EDIT_DEFAULTS.get(k, d[k]) if edit else d[k])  # noqa: E731
-    positive = args.positive if args.positive is not None else ("" if edit else d["positive_prompt"])
-    cond = G.Conditioning(args.prompt, positive, pick(args.negative, "negative_prompt"))
+    given = {k: getattr(args, k) for k in ("width", "height", "images_per_prompt", "cfg", "cfg_img", "cfg_schedule",
+                                            "timesteps_shift", "steps", "steps_end", "sampler", "use_norm", "seed",
+                                            "noise", "fast") if getattr(args, k) is not None}
+    settings = family_defaults(model.config.family, edit).replace(**given).validate(model.config)
+    positive, negative = default_prompts(model.config.family, edit)
+    positive = args.positive if args.positive is not None else positive
+    cond = G.Conditioning(args.prompt, positive, args.negative if args.negative is not None else negative)
     if edit:
         from PIL import Image
 
@@ -52,13 +56,8 @@ def _generate(args) -> int:
                 raise NextStepError(f"cannot read the edit image {p}: {e}") from None
         cond = encode_edit_images(vae, cond, imgs)
     bar = _Bar()
-    res = G.sample(model, cond, width=args.width, height=args.height, images_per_prompt=args.images_per_prompt,
-                   cfg=pick(args.cfg, "cfg"), cfg_img=pick(args.cfg_img, "cfg_img"),
-                   cfg_schedule=pick(args.cfg_schedule, "cfg_schedule"),
-                   timesteps_shift=pick(args.timesteps_shift, "timesteps_shift"), steps=pick(args.steps, "steps"),
-                   sampler=pick(args.sampler, "sampler"), use_norm=pick(args.use_norm, "use_norm"), seed=args.seed,
-                   noise=args.noise, progress=bar, latent_affine=(vae.config.scaling_factor, vae.config.shift_factor),
-                   steps_end=args.steps_end, fast=args.fast)
+    res = G.sample(model, cond, settings, progress=bar,
+                   latent_affine=(vae.config.scaling_factor, vae.config.shift_factor))
     bar.close()
     images = decode_latents(vae, res.latents)
     from .pipeline import GenerationResult
