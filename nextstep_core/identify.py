@@ -155,8 +155,9 @@ def resolve_family(raw: dict, location: str | None = None, requested: str | None
             raise CheckpointError(f"{location or 'config.json'}: unknown nextstep_family {own!r}; expected one of "
                                   f"{FAMILIES}.")
         where = "the file's metadata" if location and os.path.isfile(location) else "config.json"
-        earlier = raw.get("nextstep_family_reason")
-        return FamilyChoice(own, f"from nextstep_family in {where}" + (f"; recorded there: {earlier}" if earlier else ""))
+        earlier = raw.get("nextstep_family_reason")  # why convert chose it, kept with the file
+        return FamilyChoice(own, f"from nextstep_family in {where}" + (f"; recorded there: {earlier}" if earlier
+                                                                         else ""))
     named = [(label, name, family_from_name(name)) for label, name in _names(raw, location)]
     named = [n for n in named if n[2]]
     if named:
