@@ -90,8 +90,12 @@ _IGNORED = {
     "architectures", "auto_map", "model_type", "torch_dtype", "transformers_version", "_attn_implementation_autoset",
     "initializer_range", "max_window_layers", "use_cache", "hidden_act", "lm_loss_weight", "im_loss_weight",
     "fm_head_batch_mul", "attention_dropout", "pretraining_tp", "rope_scaling", "use_sliding_window",
-    "sliding_window", "vae_name_or_path", "_name_or_path", "nextstep_family", "nextstep_family_reason",
+    "sliding_window", "vae_name_or_path", "_name_or_path", "attn_implementation", "nextstep_family",
+    "nextstep_family_reason",
 }
+# model_type values of NextStep configs: the HF / NextStep-1 code writes "nextstep", NextStep-1.1's GitHub inference
+# code (a Qwen2Config subclass) "stepx_llama" (reference notes §14.7)
+MODEL_TYPES = (None, "nextstep", "stepx_llama")
 
 
 def model_config_from_dict(raw: dict, source: str = "config.json", location: str | None = None,
@@ -102,7 +106,7 @@ def model_config_from_dict(raw: dict, source: str = "config.json", location: str
     if kind_of_config(raw) == VAE:
         raise wrong_kind(location or source, MODEL, VAE)
     nextstep_keys = {"boi", "image_placeholder_id", "fm_head_dim", "latent_patch_size"}
-    if raw.get("model_type") not in (None, "nextstep") or not nextstep_keys & raw.keys():
+    if raw.get("model_type") not in MODEL_TYPES or not nextstep_keys & raw.keys():
         kind = raw.get("model_type") or "unknown"
         raise CheckpointError(
             f"{source} is not a NextStep model config (model_type {kind!r}, no NextStep image fields such as "

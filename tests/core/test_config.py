@@ -86,6 +86,11 @@ def test_plain_qwen2_is_refused_with_advice():
         model_config_from_dict(qwen, "x/config.json")
 
 
+def test_the_1_1_github_codes_model_type_is_a_nextstep_config():
+    cfg = model_config_from_dict(dict(OFFICIAL, model_type="stepx_llama", attn_implementation="sdpa"))
+    assert cfg.hidden_size == 5120 and "attn_implementation" not in cfg.extra
+
+
 def test_vae_config_in_the_model_slot_and_back():
     vae = {"ch": 128, "ch_mult": [1, 2, 4, 4], "z_channels": 16, "scaling_factor": 1.0, "shift_factor": 0.0}
     with pytest.raises(CheckpointError, match=r"is a VAE \(the f8ch16 tokenizer\), not the model: load it as the VAE"):
