@@ -146,7 +146,7 @@ def measure(layers: int, dtype, loop: str, fuse: bool, branches: int) -> dict:
     per_step = (hi.total - lo.total) / 40
     per_layer = hi.counts["decoder layer"] / layers
     return {"per_token_50_steps": hi.total, "per_head_step": per_step,
-            "head_per_token_fixed": hi.total - 50 * per_step - hi.counts["decoder layer"],
+            "rest_per_token": hi.total - 50 * per_step - hi.counts["decoder layer"],
             "per_decoder_layer": per_layer, "decoder_layers_per_token": hi.counts["decoder layer"],
             "top_ops_50_steps": dict(hi.by_op.most_common(12))}
 
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     loops = ("plain", "hoisted", "fused") if has_fused else ("plain", "hoisted")
     print(f"# ops per image token, {a.layers} decoder layers, {a.dtype}, 50 head steps, from {nextstep_core.__file__}")
     print(f"{'head loop':<9} {'decoder':<10} {'rows':>4} {'per token':>10} {'per step':>9} {'per layer':>10} "
-          f"{'head fixed':>10}")
+          f"{'rest':>10}")
     out = {}
     for loop in loops:
         for fuse in ((False, True) if has_fused else (False,)):
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
                 r = measure(a.layers, dtype, loop, fuse, branches)
                 out[f"{loop}/{'merged' if fuse else 'separate'}/{branches}"] = r
                 print(f"{loop:<9} {'merged' if fuse else 'separate':<10} {branches:>4} {r['per_token_50_steps']:>10} "
-                      f"{r['per_head_step']:>9.1f} {r['per_decoder_layer']:>10.1f} {r['head_per_token_fixed']:>10.1f}")
+                      f"{r['per_head_step']:>9.1f} {r['per_decoder_layer']:>10.1f} {r['rest_per_token']:>10.1f}")
     default = out.get("fused/merged/2") or out["hoisted/separate/2"]
     print("\ndefault path, 2 rows, most frequent ops:", json.dumps(default["top_ops_50_steps"]))
     if a.json:

@@ -139,13 +139,10 @@ class Attention(nn.Module):
         self.v_proj = ops.Linear(h, self.n_kv * self.head_dim, bias=cfg.attention_bias)
         self.o_proj = ops.Linear(self.n_heads * self.head_dim, h, bias=cfg.o_attention_bias)
         self.register_module("qkv_proj", None)  # q, k and v as one layer, once `fuse` has run
+        self.published = PublishedKeys(self, "qkv_proj", ("q_proj", "k_proj", "v_proj"))
 
     def fuse(self) -> bool:
-        merged = merge_linears([self.q_proj, self.k_proj, self.v_proj])
-        if merged is not None:
-            del self.q_proj, self.k_proj, self.v_proj
-            self.qkv_proj = merged
-        return merged is not None
+        return self.published.fuse()
 
     def forward(self, x, rope_rows, cache: KVCache, layer: int, positions: torch.Tensor, mask):
         b, s, _ = x.shape
@@ -192,19 +189,56 @@ class MLP(nn.Module):
         self.up_proj = ops.Linear(h, i, bias=cfg.mlp_bias)
         self.down_proj = ops.Linear(i, h, bias=cfg.mlp_bias)
         self.register_module("gate_up_proj", None)  # gate and up as one layer, once `fuse` has run
+        self.published = PublishedKeys(self, "gate_up_proj", ("gate_proj", "up_proj"))
 
     def fuse(self) -> bool:
-        merged = merge_linears([self.gate_proj, self.up_proj])
-        if merged is not None:
-            del self.gate_proj, self.up_proj
-            self.gate_up_proj = merged
-        return merged is not None
+        return self.published.fuse()
 
     def forward(self, x):
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class PublishedKeys:
+    """Merges a module's layers `parts` into the layer `merged`, and keeps the published keys: `state_dict()` gives
+    the parts (views of the merged tensors) and `load_state_dict()` takes them, so files and hosts see no change."""
+
+    def __init__(self, module: nn.Module, merged: str, parts: tuple):
+        self.module, self.merged, self.parts = module, merged, parts
+        self.sizes: list[int] = []
+        module._register_state_dict_hook(self._split)
+        module._register_load_state_dict_pre_hook(self._join)
+
+    def fuse(self) -> bool:
+        m = self.module
+        layers = [getattr(m, name) for name in self.parts]
+        merged = merge_linears(layers)
+        if merged is None:
+            return False
+        self.sizes = [layer.weight.shape[0] for layer in layers]
+        for name in self.parts:
+            delattr(m, name)
+        setattr(m, self.merged, merged)
+        return True
+
+    def _split(self, module, state, prefix, _meta):
+        if getattr(module, self.merged) is None:
+            return
+        for suffix in ("weight", "bias"):
+            t = state.pop(f"{prefix}{self.merged}.{suffix}", None)
+            if t is not None:
+                for name, piece in zip(self.parts, t.split(self.sizes)):
+                    state[f"{prefix}{name}.{suffix}"] = piece
+
+    def _join(self, state, prefix, *_args):
+        if getattr(self.module, self.merged) is None:
+            return
+        for suffix in ("weight", "bias"):
+            keys = [f"{prefix}{name}.{suffix}" for name in self.parts]
+            if all(k in state for k in keys):
+                state[f"{prefix}{self.merged}.{suffix}"] = torch.cat([state.pop(k) for k in keys])
 
 
 def merge_linears(parts: list) -> nn.Module | None:

@@ -114,6 +114,15 @@ def test_merged_projections_equal_the_separate_ones():
     a = separate.forward_embeds(x, separate.new_cache(2, 9), real)
     b = merged.forward_embeds(x, merged.new_cache(2, 9), real)
     assert torch.allclose(a, b, atol=1e-5)
+    # the published keys stay: state_dict splits the merged layers back, load_state_dict takes the parts
+    published = separate.state_dict()
+    assert set(merged.state_dict()) == set(published)
+    assert all(torch.equal(v, published[k]) for k, v in merged.state_dict().items())
+    again = _model()
+    again.fuse_projections()
+    again.load_state_dict({k: v + 1 for k, v in published.items()})
+    v_bias = published["layers.1.self_attn.v_proj.bias"]
+    assert torch.equal(again.layers[1].self_attn.qkv_proj.bias[-len(v_bias):], v_bias + 1)
 
 
 def test_quantised_layers_are_not_merged_and_host_layer_classes_are_kept():
