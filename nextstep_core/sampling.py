@@ -86,16 +86,17 @@ class StepCoefficients:
     def build(cls, grid: torch.Tensor, sampler: str, family: Family, device) -> "StepCoefficients":
         n_eval = len(grid) - 1
         one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+        noisy = sampler != "euler"
+        xi = zero if noisy else None
         a, b, c = [], [], []
         for i in range(n_eval):
-            if family.final_step is not None and i == n_eval - 1:
-                a.append(1.0), b.append(family.final_step), c.append(0.0)
-                continue
-            xi = zero if sampler != "euler" else None
-            a.append(float(_update(sampler, one, zero, i, grid, xi)))
-            b.append(float(_update(sampler, zero, one, i, grid, xi)))
-            c.append(float(_update(sampler, zero, zero, i, grid, one)) if sampler != "euler" else 0.0)
-        noisy = sampler != "euler"
+            if family.final_step is not None and i == n_eval - 1:  # NextStep-1's fixed deterministic last step
+                abc = (1.0, family.final_step, 0.0)
+            else:  # the rule is linear: its value at unit inputs is the coefficient
+                abc = (float(_update(sampler, one, zero, i, grid, xi)), float(_update(sampler, zero, one, i, grid, xi)),
+                       float(_update(sampler, zero, zero, i, grid, one)) if noisy else 0.0)
+            for column, value in zip((a, b, c), abc):
+                column.append(value)
         n_noise = family.draws_needed(n_eval, noisy) - 1
         c_dev = torch.tensor(c[:n_noise], dtype=torch.float32, device=device)[:, None, None] if noisy else None
         return cls(a, b, c, c_dev)
