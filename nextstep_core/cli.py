@@ -179,10 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--output", default="nextstep.png")
     g.add_argument("--save-latents", help="write tokens [B,T,64] and latents [B,16,H/8,W/8] to this .npz")
     g.set_defaults(func=_generate)
-    c = sub.add_parser("convert", help="one .safetensors (bf16/fp16/fp32/fp8/int8) from a model or VAE")
+    c = sub.add_parser("convert", help="one .safetensors (bf16/fp16/fp32/fp8/int8/int4) from a model or VAE")
     c.add_argument("src")
     c.add_argument("dst")
-    c.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "fp8", "int8"])
+    c.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "fp8", "int8", "int4"])
     c.add_argument("--keep-lm-head", action="store_true", help="keep the text head (not needed for images)")
     c.set_defaults(func=_convert)
     return p
