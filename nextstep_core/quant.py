@@ -210,6 +210,9 @@ def make_quant_linear(base: type) -> type:
             super().__init__(*args, **kwargs)
             self.register_buffer("weight_scale", None)
             self.register_buffer("weight_zero", None)
+            # derived at load for the kernel: the scale in the compute dtype (int8 / fp8), int4's packed table
+            self.register_buffer("scale_c", None, persistent=False)
+            self.register_buffer("scales_and_zeros", None, persistent=False)
 
         def prepare(self, dtype: torch.dtype) -> None:
             """Pick this layer's kernel for its device and lay the weight out for it (at load, after a move)."""
@@ -219,14 +222,12 @@ def make_quant_linear(base: type) -> type:
                 "fp8" if self.weight.dtype == torch.float8_e4m3fn else "int8"
             self.compute_dtype = dtype
             self.kernel = _choose_kernel(self.fmt, self.weight.device, dtype, (self.out_features, self.in_features))
-            # the per-channel scale in the compute dtype: multiplies the output of the int8 / fp8 products
-            self.register_buffer("scale_c", self.weight_scale.to(dtype) if self.fmt != "int4" else None,
-                                 persistent=False)
+            self.scale_c = self.weight_scale.to(dtype) if self.fmt != "int4" else None
             if self.kernel.startswith("int4_"):
                 sz = quant_int4.scales_and_zeros(self.weight_scale, self.weight_zero,
                                                  _int4_table_dtype(self.weight.device, dtype))
                 self.weight = nn.Parameter(quant_int4.pack(self.kernel, self.weight.data), requires_grad=False)
-                self.register_buffer("scales_and_zeros", sz, persistent=False)
+                self.scales_and_zeros = sz
                 self.weight_scale, self.weight_zero = quant_int4.views(sz)  # no second copy of the table
 
         def plain_weight(self) -> torch.Tensor:
@@ -267,7 +268,7 @@ def make_quant_linear(base: type) -> type:
             return y if self.bias is None else y.add_(self.bias.to(y.dtype))
 
         def _scale(self, dtype):
-            s = self.scale_c if getattr(self, "scale_c", None) is not None else self.weight_scale
+            s = self.scale_c if self.scale_c is not None else self.weight_scale
             return s if s.dtype == dtype else s.to(dtype)
 
         def _dequant_forward(self, x, w):
