@@ -34,7 +34,7 @@ log = logging.getLogger("nextstep")
 
 QUANT_FORMATS = ("fp8", "int8", "int4")
 QUANT_SUFFIXES = (".weight_scale", ".weight_zero")
-PACKED_ROWS = 8  # above this many rows int8's packed kernel is slower than dequantise + a dense matmul (CPU)
+PACKED_ROWS = 16  # above this many rows the CPU's packed kernels are slower than dequantise + a dense matmul
 _FP8_MAX = 448.0
 _DECODER = r"layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
 _HEAD = r"image_head\.net\.res_blocks\.\d+\.(mlp\.[02]|adaLN_modulation\.1)"
@@ -218,6 +218,7 @@ def make_quant_linear(base: type) -> type:
             """Pick this layer's kernel for its device and lay the weight out for it (at load, after a move)."""
             if self.weight_scale is None or self.weight.device.type == "meta":
                 return
+            self._unpack()
             self.fmt = "int4" if self.weight_zero is not None else \
                 "fp8" if self.weight.dtype == torch.float8_e4m3fn else "int8"
             self.compute_dtype = dtype
@@ -236,14 +237,18 @@ def make_quant_linear(base: type) -> type:
                 return quant_int4.unpack(self.kernel, self.weight.data, self.out_features, self.in_features)
             return self.weight.data
 
-        def _apply(self, fn, *args, **kwargs):
-            # packed layouts are device-specific: back to the file layout, move, re-pack for the new device
+        def _unpack(self) -> None:
+            """Back to the file layout (a no-op unless the weight is packed for an int4 kernel)."""
             if self.kernel.startswith("int4_"):
                 self.weight = nn.Parameter(self.plain_weight(), requires_grad=False)
                 self.weight_scale = self.weight_scale.contiguous()
                 self.weight_zero = self.weight_zero.contiguous()
                 self.scales_and_zeros = None
                 self.kernel = "dequant"
+
+        def _apply(self, fn, *args, **kwargs):
+            # packed layouts are device-specific: back to the file layout, move, re-pack for the new device
+            self._unpack()
             out = super()._apply(fn, *args, **kwargs)
             if self.compute_dtype is not None:
                 self.prepare(self.compute_dtype)
@@ -255,11 +260,12 @@ def make_quant_linear(base: type) -> type:
             if x.device != self.weight.device:  # ComfyUI low-VRAM mode can leave a layer's weights elsewhere
                 return self._dequant_forward(x, self.plain_weight().to(x.device))
             kernel = self.kernel
-            if kernel == "int8_pack" and x.numel() <= PACKED_ROWS * x.shape[-1]:
+            few_rows = x.numel() <= PACKED_ROWS * x.shape[-1]  # decoding; a prompt's prefill has more
+            if kernel == "int8_pack" and few_rows:
                 x2 = x.reshape(-1, x.shape[-1])
                 y = torch._weight_int8pack_mm(x2, self.weight, self._scale(x.dtype))
                 y = y.reshape(*x.shape[:-1], y.shape[-1])
-            elif kernel.startswith("int4_"):
+            elif kernel == "int4_gpu" or (kernel == "int4_cpu" and few_rows):
                 y = quant_int4.matmul(kernel, x, self.weight, self.scales_and_zeros)
             elif kernel == "fp8_scaled_mm":
                 return fp8_linear(x, self.weight, self.weight_scale, self.bias)
@@ -286,8 +292,12 @@ def make_quant_linear(base: type) -> type:
             return y.mul_(s) if bias is None else torch.addcmul(bias, y, s)
 
         def _expand(self, w, dtype):
-            z = self.weight_zero
-            return dequantize_weight(w, self.weight_scale.to(w.device), dtype, None if z is None else z.to(w.device))
+            """The weight `w` (this layer's, or its copy on another device) expanded to `dtype`."""
+            if self.weight_zero is None:
+                return dequantize_weight(w, self.weight_scale.to(w.device), dtype)
+            q = quant_int4.codes(self.kernel, w, self.out_features, self.in_features) \
+                if self.kernel.startswith("int4_") and w is self.weight else quant_int4.unpack_nibbles(w)
+            return quant_int4.dequantize_codes(q, self.weight_scale.to(w.device), self.weight_zero.to(w.device), dtype)
 
     QuantLinear.__name__ = f"Quant{base.__name__}"
     return QuantLinear
@@ -314,7 +324,8 @@ class expanded_weights:
 
     def __init__(self, module, dtype: torch.dtype):
         modules = module.modules() if isinstance(module, nn.Module) else ()
-        self.layers = [m for m in modules if getattr(m, "weight_scale", None) is not None and m.kernel == "dequant"]
+        self.layers = [m for m in modules if getattr(m, "weight_scale", None) is not None
+                       and getattr(m, "kernel", None) == "dequant"]
         self.dtype = dtype
         self._token = None
 

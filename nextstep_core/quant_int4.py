@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 GROUP = 128
-_CPU_BLOCK = 64  # rows per block of the CPU kernel's layout (see `_cpu_unpack`)
+_CPU_BLOCK = 64  # rows per block of the CPU kernel's layout (see `_cpu_codes`)
 _GPU_INNER_K_TILES = 8  # in_features must then be a multiple of 8 * 16 = 128, which GROUP already demands
 
 
@@ -53,9 +53,14 @@ def unpack_nibbles(b: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize(b: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    out_f = b.shape[0]
-    q = unpack_nibbles(b).reshape(out_f, scale.shape[1], GROUP).to(dtype).sub_(8)
-    return q.mul_(scale.to(dtype)[..., None]).add_(zero.to(dtype)[..., None]).reshape(out_f, -1)
+    return dequantize_codes(unpack_nibbles(b), scale, zero, dtype)
+
+
+def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """codes [out, in] -> the float weight scale * (q - 8) + zero."""
+    out_f = q.shape[0]
+    w = q.reshape(out_f, scale.shape[1], GROUP).to(dtype).sub_(8)
+    return w.mul_(scale.to(dtype)[..., None]).add_(zero.to(dtype)[..., None]).reshape(out_f, -1)
 
 
 # ---- device layouts
@@ -96,18 +101,24 @@ def pack(kernel: str, b: torch.Tensor) -> torch.Tensor:
 def unpack(kernel: str, packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
     """The kernel's packed weight -> file nibbles uint8 [out, in/2], on the same device."""
     if kernel == "int4_cpu":
-        return _cpu_unpack(packed, out_features, in_features)
+        return pack_nibbles(_cpu_codes(packed, out_features, in_features))
     return _gpu_unpack(packed, out_features, in_features)
 
 
-def _cpu_unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+def codes(kernel: str, packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The kernel's packed weight -> codes uint8 [out, in] (for a dense product over many rows)."""
+    if kernel == "int4_cpu":
+        return _cpu_codes(packed, out_features, in_features)
+    return unpack_nibbles(_gpu_unpack(packed, out_features, in_features))
+
+
+def _cpu_codes(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """The CPU layout: per block of 64 output rows, K-major bytes, byte (k, r) = q[r, k] | q[r + 32, k] << 4.
 
     Read from what the packer produces (checked by `cpu_layout_known` at load, before it is relied on).
     """
     blocks = packed.reshape(n // _CPU_BLOCK, k, _CPU_BLOCK // 2).transpose(1, 2)  # [nb, 32, k]
-    q = torch.stack([blocks & 15, blocks >> 4], dim=1).reshape(n, k)  # rows r and r + 32 of each block
-    return pack_nibbles(q)
+    return torch.stack([blocks & 15, blocks >> 4], dim=1).reshape(n, k)  # rows r and r + 32 of each block
 
 
 def _gpu_unpack(packed: torch.Tensor, n: int, k: int, chunk: int = 1024) -> torch.Tensor:
@@ -124,11 +135,11 @@ def _gpu_unpack(packed: torch.Tensor, n: int, k: int, chunk: int = 1024) -> torc
 
 
 def cpu_layout_known() -> bool:
-    """Whether this torch's CPU packer uses the layout `_cpu_unpack` inverts (probed once on a small matrix)."""
+    """Whether this torch's CPU packer uses the layout `_cpu_codes` inverts (probed once on a small matrix)."""
     try:
         q = torch.randint(0, 16, (2 * _CPU_BLOCK, 2 * GROUP), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
         b = pack_nibbles(q)
-        return torch.equal(_cpu_unpack(pack("int4_cpu", b), *q.shape), b)
+        return torch.equal(unpack("int4_cpu", pack("int4_cpu", b), *q.shape), b)
     except (RuntimeError, NotImplementedError, TypeError, AttributeError, ValueError):
         return False
 

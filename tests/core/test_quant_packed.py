@@ -121,6 +121,8 @@ def test_moving_a_packed_layer_unpacks_and_repacks_it():
     layer.to("cpu")  # _apply: back to the file layout, "move", pack again for the (same) device
     assert layer.kernel == "int4_cpu"
     assert torch.equal(layer.plain_weight(), plain) and torch.equal(layer(x), before)
+    layer.prepare(torch.bfloat16)  # preparing again (a second load step) must not pack the packed weight twice
+    assert torch.equal(layer.plain_weight(), plain) and torch.equal(layer(x), before)
 
 
 def test_cpu_packed_layout_is_the_one_unpack_inverts():
