@@ -182,6 +182,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=None, help="rounds per comparison (default 3; 1 with --quick)")
     p.add_argument("--head-reps", type=int, default=None, help="rounds of the head-alone timing (default 7)")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of sections: {','.join(SECTIONS)}")
+    p.add_argument("--quant-formats", default="bf16,fp8,int8,int4", help="weights the quant section compares "
+                   "(bf16 first: the reference)")
     a = p.parse_args(argv)
     a.size = a.size or ("small" if a.quick else "medium")
     a.width = a.width or (32 if a.quick else 128)
@@ -236,7 +238,7 @@ def main(argv=None) -> int:
         if isinstance(o, dict) and "static_over_eager_speed" in o:
             summary_rows.append([f"static / eager speed ({size})", o["static_over_eager_speed"]])
     if "bf16" in r.get("quant", {}):
-        for k in ("fp8", "int8", "int4"):
+        for k in [f for f in ("fp8", "int8", "int4") if f in r["quant"]]:
             q = r["quant"][k]
             summary_rows += [[f"{k} / bf16 speed", q["speed_vs_bf16"]], [f"{k} / bf16 weight bytes", q["weights_vs_bf16"]],
                              [f"{k} / bf16 decoder weight bytes", q["decoder_weights_vs_bf16"]],

@@ -55,7 +55,7 @@ def bench_quant(a, ck, R, cache, tiny):
     from nextstep_core.convert import convert
 
     files = {}
-    for fmt_ in ("bf16", "fp8", "int8", "int4"):
+    for fmt_ in a.quant_formats.split(","):
         dst = os.path.join(cache, f"{os.path.basename(ck)}-{fmt_}.safetensors")
         t0 = now()
         convert(ck, dst, fmt_)

@@ -202,7 +202,8 @@ def make_quant_linear(base: type) -> type:
     """A Linear (subclass of the host's Linear class) that also holds a quantised weight + `weight_scale`."""
 
     class QuantLinear(base):
-        kernel = "dense"  # set by `prepare`: dense (not quantised), int8_pack, int4_cpu, int4_gpu, fp8_scaled_mm, dequant
+        # set by `prepare`: dense (not quantised), int8_pack, int4_cpu, int4_gpu, fp8_scaled_mm or dequant
+        kernel = "dense"
         fmt = None
         compute_dtype = None
 

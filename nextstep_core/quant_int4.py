@@ -93,7 +93,11 @@ def views(sz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def pack(kernel: str, b: torch.Tensor) -> torch.Tensor:
     """File nibbles (on the target device) -> the kernel's packed weight."""
     if kernel == "int4_cpu":
-        return torch._convert_weight_to_int4pack_for_cpu(unpack_nibbles(b).to(torch.int32), 1)
+        # block by block of rows (the layout is per 64-row block): the packer's input is int32, 8x the nibbles, and
+        # whole-layer temporaries of varying sizes would stay in the allocator (+3.5x the int4 bytes measured)
+        rows = max(_CPU_BLOCK, (1 << 20) // b.shape[1] // _CPU_BLOCK * _CPU_BLOCK)
+        return torch.cat([torch._convert_weight_to_int4pack_for_cpu(unpack_nibbles(b[i:i + rows]).to(torch.int32), 1)
+                          for i in range(0, b.shape[0], rows)])
     swapped = (b << 4) | (b >> 4)  # the CUDA / MPS packer wants column 2j in the HIGH nibble
     return torch._convert_weight_to_int4pack(swapped.contiguous(), _GPU_INNER_K_TILES)
 
@@ -137,7 +141,8 @@ def _gpu_unpack(packed: torch.Tensor, n: int, k: int, chunk: int = 1024) -> torc
 def cpu_layout_known() -> bool:
     """Whether this torch's CPU packer uses the layout `_cpu_codes` inverts (probed once on a small matrix)."""
     try:
-        q = torch.randint(0, 16, (2 * _CPU_BLOCK, 2 * GROUP), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        g = torch.Generator().manual_seed(0)
+        q = torch.randint(0, 16, (2 * _CPU_BLOCK, 2 * GROUP), dtype=torch.uint8, generator=g)
         b = pack_nibbles(q)
         return torch.equal(unpack("int4_cpu", pack("int4_cpu", b), *q.shape), b)
     except (RuntimeError, NotImplementedError, TypeError, AttributeError, ValueError):
