@@ -240,7 +240,8 @@ def main(argv=None) -> int:
     if "bf16" in r.get("quant", {}):
         for k in [f for f in ("fp8", "int8", "int4") if f in r["quant"]]:
             q = r["quant"][k]
-            summary_rows += [[f"{k} / bf16 speed", q["speed_vs_bf16"]], [f"{k} / bf16 weight bytes", q["weights_vs_bf16"]],
+            summary_rows += [[f"{k} / bf16 speed", q["speed_vs_bf16"]],
+                             [f"{k} / bf16 weight bytes", q["weights_vs_bf16"]],
                              [f"{k} / bf16 decoder weight bytes", q["decoder_weights_vs_bf16"]],
                              [f"{k} / bf16 peak RSS", q["vmhwm_vs_bf16"]],
                              [f"{k} / bf16 peak RSS minus interpreter", q["vmhwm_minus_interp_vs_bf16"]]]
