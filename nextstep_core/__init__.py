@@ -3,7 +3,7 @@
     import nextstep_core as ns
     model = ns.load_model("models/nextstep/NextStep-1-Large", dtype="bfloat16", device=device)  # any torch device
     vae = ns.load_vae(ns.find_vae_for_model(model.source_path) or "models/nextstep/NextStep-1-f8ch16-Tokenizer")
-    out = ns.generate(model, vae, ["a red fox in the snow"], width=512, height=512, seed=42)
+    out = ns.generate(model, vae, ["a red fox in the snow"], ns.family_defaults(model.config.family).replace(seed=42))
     out.pil()[0].save("fox.png")
 
 This package never imports ComfyUI; the node pack next to it is a thin face over these functions.
@@ -11,17 +11,19 @@ This package never imports ComfyUI; the node pack next to it is a thin face over
 from .errors import CheckpointError, GenerationCancelled, NextStepError
 
 # Everything else is imported on first use (PEP 562), so that `python -m nextstep_core` reaches its own Ctrl-C
-# handler before torch is imported, and `--help` needs no torch.
+# handler before torch is imported, and `--help` needs no torch. One row per module: the names it gives.
 _LAZY = {
     "config": ("FAMILIES", "FAMILY_V1", "FAMILY_V1_1", "ModelConfig", "VAEConfig"),
-    "generation": ("EDIT_DEFAULTS", "NOISE_MODES", "Conditioning", "SampleResult", "family_defaults",
-                   "guidance_branches", "sample", "tokens_to_latents"),
+    "family": ("Family", "family_of"),
+    "generation": ("Conditioning", "SampleResult", "guidance_branches", "sample", "tokens_to_latents"),
+    "keep": ("TokenInit", "keep_from_mask", "keep_rows"),
     "images": ("decode_latents", "encode_edit_images", "encode_latents", "read_image"),
     "memory": ("estimate_memory_bytes",),
     "loading": ("find_vae_for_model", "load_model", "load_vae"),
     "model": ("NextStep",),
     "pipeline": ("GenerationResult", "generate"),
-    "sampling": ("CFG_SCHEDULES", "SAMPLERS"),
+    "settings": ("CFG_SCHEDULES", "FAST_MODES", "MAX_SIDE", "NOISE_MODES", "SAMPLERS", "SamplerSettings",
+                 "default_prompts", "family_defaults"),
     "devices": ("resolve_device",),
     "vae": ("AutoEncoder",),
 }

@@ -64,12 +64,11 @@ class NextStepSampler:
     def sample(self, model, conditioning, seed, width, height, batch_size, cfg, cfg_img, cfg_schedule,
                timesteps_shift, steps, sampler, use_norm, steps_end=0):
         with user_errors("NextStep Sampler"):
-            for name, value in (("width", width), ("height", height)):  # linked sizes skip VALIDATE_INPUTS
-                problem = check_size(name, value)
-                if problem:
-                    raise ns.NextStepError(problem)
-            if sampler == "auto":
-                sampler = ns.family_defaults(model.config.family)["sampler"]
+            settings = ns.SamplerSettings(width=width, height=height, images_per_prompt=batch_size, cfg=cfg,
+                                          cfg_img=cfg_img, cfg_schedule=cfg_schedule,
+                                          timesteps_shift=timesteps_shift, steps=steps, steps_end=steps_end or None,
+                                          sampler=None if sampler == "auto" else sampler, use_norm=use_norm,
+                                          seed=seed).validate(model.config)
             rows = ns.guidance_branches(conditioning, cfg, cfg_img) * len(conditioning.prompts) * batch_size
             need = ns.estimate_memory_bytes(model.module, width, height, rows)  # weights + KV cache + activations
             glue.load_to_device(model, need - glue.mm.module_size(model.module))
@@ -77,10 +76,8 @@ class NextStepSampler:
             # expect); only the returned LATENT is converted to the VAE's raw space.
             progress = glue.TokenProgress((width // SIZE_STEP) * (height // SIZE_STEP),
                                           lambda tokens: ns.tokens_to_latents(tokens, width, height, model.config))
-            result = ns.sample(model.module, conditioning, width=width, height=height, images_per_prompt=batch_size,
-                               cfg=cfg, cfg_img=cfg_img, cfg_schedule=cfg_schedule, timesteps_shift=timesteps_shift,
-                               steps=steps, sampler=sampler, use_norm=use_norm, seed=seed,
-                               steps_end=steps_end or None, progress=progress, should_cancel=glue.should_cancel)
+            result = ns.sample(model.module, conditioning, settings, progress=progress,
+                               should_cancel=glue.should_cancel)
             return ({"samples": result.latents.float().to(glue.intermediate_device())},)
 
 
