@@ -67,6 +67,7 @@ class _Job:
     """A generation whose every input has been checked; nothing heavy has been read yet."""
     model_path: str
     vae_path: str
+    family: str  # as read from the model's config before loading; settings and default prompts follow it
     settings: object  # SamplerSettings, validated against the model's config
     pixels: list  # edit images [3,H,W] in 0..1, one per prompt (empty: text-to-image)
     device: object
@@ -99,7 +100,7 @@ def _check(args) -> _Job:
     model_path = resolve_model(args.model, args.download_dir)
     model_config, _ = read_model_config(model_path)  # config.json and file headers only
     settings = _settings(model_config.family, edit, given).validate(model_config)
-    vae_path = args.vae or find_vae_for_model(model_path)
+    vae_path = os.path.expanduser(args.vae) if args.vae else find_vae_for_model(model_path)
     if vae_path is None:
         raise NextStepError(f"{model_path} has no vae/ folder: pass --vae with the f8ch16 tokenizer folder.")
     if not os.path.exists(vae_path):
@@ -111,7 +112,8 @@ def _check(args) -> _Job:
             import torch
 
             torch.set_num_threads(1)  # its matrices are too small to share: threads only wait on each other
-    return _Job(model_path, vae_path, settings, pixels, device, dtype, outputs, latents_out)
+    return _Job(model_path, vae_path, model_config.family, settings, pixels, device, dtype, outputs,
+                latents_out)
 
 
 def _settings(family, edit: bool, given: dict):
@@ -155,9 +157,8 @@ def _generate(args) -> int:
     t0 = time.perf_counter()
     vae = load_vae(job.vae_path, dtype=job.dtype, device=job.device)  # the small file first: fails before the wait
     model = load_model(job.model_path, dtype=job.dtype, device=job.device)
-    family = model.config.family
-    print(f"loaded in {time.perf_counter() - t0:.1f} s ({family}, {job.device})", file=sys.stderr)
-    positive, negative = default_prompts(family, bool(job.pixels))
+    print(f"loaded in {time.perf_counter() - t0:.1f} s ({job.family}, {job.device})", file=sys.stderr)
+    positive, negative = default_prompts(job.family, bool(job.pixels))
     cond = G.Conditioning(args.prompt, _given(args.positive, positive), _given(args.negative, negative))
     if job.pixels:
         cond = encode_edit_images(vae, cond, job.pixels)
