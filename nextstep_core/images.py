@@ -14,9 +14,7 @@ if TYPE_CHECKING:
     from .generation import Conditioning
 
 MAX_INPUT_SIDE = 4096
-
-
-GRAY_16 = ("I;16", "I;16L", "I;16B", "I;16N")
+GRAY_16 = ("I;16", "I;16L", "I;16B", "I;16N")  # 16-bit grayscale (PNG, TIFF): scaled by 65535, not clipped at 255
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
