@@ -37,7 +37,8 @@ def bench_head(a, ck, R):
     import torch
 
     import nextstep_core as ns
-    from nextstep_core.sampling import Guidance, sample_token, time_grid
+    from nextstep_core.family import family_of
+    from nextstep_core.sampling import Guidance, HeadPlan, sample_token
 
     model = ns.load_model(ck, dtype="bfloat16")
     cfg = model.config
@@ -45,15 +46,17 @@ def bench_head(a, ck, R):
     with torch.inference_mode():
         cc = model.image_out_projector(torch.randn(2, cfg.hidden_size, generator=g).to(torch.bfloat16))
     noise = torch.randn(50, 1, cfg.token_dim, generator=g)
-    grid = time_grid(50, 1.0, cfg.family)
     guide = Guidance(2, 7.5, 1.0)
-    sampler = ns.family_defaults(cfg.family)["sampler"]
+    settings = ns.family_defaults(cfg.family).replace(steps=50)
+    with torch.inference_mode():
+        plans = {hoist: HeadPlan.build(model.image_head, family_of(cfg), 50, settings.replace(hoist=hoist),
+                                       model.device, model.dtype) for hoist in (False, True)}
     outs = {}
 
     def head(hoist):
         def f():
             with torch.inference_mode():
-                outs[hoist] = sample_token(model.image_head, cc, noise, grid, guide, sampler, cfg.family, hoist)
+                outs[hoist] = sample_token(model.image_head, cc, noise, plans[hoist], guide)
         return f
 
     head(False)(), head(True)()  # warm-up

@@ -141,9 +141,8 @@ def timed_sample(model, dev, fast: str, n_img: int, max_tokens: int, cap_s: floa
     import nextstep_core as ns
     from nextstep_core.errors import GenerationCancelled
 
-    d = ns.family_defaults(model.config.family)
-    cond = ns.Conditioning(["a red fox in the snow, film grained"], positive_prompt=d["positive_prompt"],
-                           negative_prompt=d["negative_prompt"])
+    positive, negative = ns.default_prompts(model.config.family)
+    cond = ns.Conditioning(["a red fox in the snow, film grained"], positive_prompt=positive, negative_prompt=negative)
     st = {"t0": None, "first": None, "t_start": None, "t_end": None, "done": 0, "stop": False, "tokens": None,
           "n_start": warm}
     total = (width // 16) * (height // 16)
@@ -172,9 +171,9 @@ def timed_sample(model, dev, fast: str, n_img: int, max_tokens: int, cap_s: floa
     st["t0"] = time.perf_counter()
     finished = True
     try:
-        res = ns.sample(model, cond, width=width, height=height, images_per_prompt=n_img, cfg=7.5, steps=steps,
-                        seed=seed, noise="independent", progress=progress, should_cancel=lambda: st["stop"],
-                        fast=fast)
+        settings = ns.SamplerSettings(width=width, height=height, images_per_prompt=n_img, cfg=7.5, steps=steps,
+                                      seed=seed, noise="independent", fast=fast)
+        res = ns.sample(model, cond, settings, progress=progress, should_cancel=lambda: st["stop"])
         sync(dev)
         if st["tokens"] is None:
             st["tokens"] = res.tokens

@@ -187,8 +187,9 @@ def gen(model, width, height, **kw):
 
     kw.setdefault("fast", "eager")
     cond = ns.Conditioning([PROMPT], negative_prompt=NEGATIVE)
-    return ns.sample(model, cond, width=width, height=height, cfg=7.5, steps=kw.pop("steps", 50), seed=kw.pop("seed", SEED),
-                     noise="independent", **kw)
+    settings = ns.SamplerSettings(width=width, height=height, cfg=7.5, steps=kw.pop("steps", 50),
+                                  seed=kw.pop("seed", SEED), noise="independent", **kw)
+    return ns.sample(model, cond, settings)
 
 
 def compare(model, width: int, height: int, variants: dict, reps: int) -> tuple[dict, dict]:

@@ -28,22 +28,19 @@ log = logging.getLogger("nextstep")
 
 
 class StaticTokenStep:
-    def __init__(self, model, cache, prompt_len: int, total: int, h: int, w: int, n_img: int, branches: int,
-                 grid: torch.Tensor, draws: int, sampler: str, use_norm: bool, capture: bool):
+    def __init__(self, model, cache, plan, capture: bool):
         dev, dtype, cfg = model.device, model.dtype, model.config
-        self.model, self.cache, self.branches = model, cache, branches
-        self.grid, self.grid_dev, self.sampler, self.family = grid, grid.to(dev), sampler, cfg.family
-        self.temb = model.image_head.time_embeddings(self.grid_dev[:-1], dtype)  # fixed: outside the graph
-        self.use_norm = use_norm
-        self.c = torch.zeros(branches * n_img, cfg.hidden_size, device=dev, dtype=dtype)
-        self.noise = torch.zeros(draws, n_img, cfg.token_dim, device=dev)
+        self.model, self.cache, self.plan = model, cache, plan
+        self.head = plan.head_plan(model, plan.settings.steps)  # its time embeddings: fixed, outside the graph
+        self.c = torch.zeros(plan.rows, cfg.hidden_size, device=dev, dtype=dtype)
+        self.noise = torch.zeros(self.head.draws, plan.n_img, cfg.token_dim, device=dev)
         self.cfg_t = torch.ones((), device=dev)
         self.cfg_img_t = torch.ones((), device=dev)
-        self.pos = torch.full((1,), prompt_len, dtype=torch.long, device=dev)
+        self.pos = torch.full((1,), plan.prompt_len, dtype=torch.long, device=dev)
         self.k_idx = torch.zeros(1, dtype=torch.long, device=dev)
-        self.token = torch.zeros(n_img, cfg.token_dim, device=dev, dtype=dtype)
-        self.pos_rows = _pos_rows(model, total, h, w)
-        cache.real[:, prompt_len:] = True  # every slot after the prompt will hold a real image token
+        self.token = torch.zeros(plan.n_img, cfg.token_dim, device=dev, dtype=dtype)
+        self.pos_rows = _pos_rows(model, plan.total, plan.h, plan.w)
+        cache.real[:, plan.prompt_len:] = True  # every slot after the prompt will hold a real image token
         self.graph = None
         if capture:
             saved = (self.c.clone(), self.pos.clone(), self.k_idx.clone())
@@ -58,21 +55,23 @@ class StaticTokenStep:
         model = self.model
         c = self.c if self.pos_rows is None else self.c + self.pos_rows.index_select(0, self.k_idx)
         cc = model.image_out_projector(c)
-        guide = Guidance(self.branches, self.cfg_t, self.cfg_img_t)
-        tok = sample_token(model.image_head, cc, self.noise, self.grid, guide, self.sampler, self.family,
-                           grid_dev=self.grid_dev, temb=self.temb).to(self.token.dtype)
-        if self.use_norm:
+        guide = Guidance(self.plan.branches, self.cfg_t, self.cfg_img_t)
+        tok = sample_token(model.image_head, cc, self.noise, self.head, guide).to(self.token.dtype)
+        if self.plan.settings.use_norm:
             tok = F.layer_norm(tok, (tok.shape[-1],), eps=1e-6)
         self.token.copy_(tok)
-        return tok
 
-    def _step(self):
+    def _advance(self):
+        """Feed `token` back through the decoder at slot `pos`: the condition for the next token."""
         model = self.model
-        tok = self._sample()
-        emb = model.image_in_projector(tok).repeat(self.branches, 1)[:, None]
+        emb = model.image_in_projector(self.token).repeat(self.plan.branches, 1)[:, None]
         self.c.copy_(model.forward_static(emb, self.cache, self.pos)[:, -1])
         self.pos.add_(1)
         self.k_idx.add_(1)
+
+    def _step(self):
+        self._sample()
+        self._advance()
 
     def _capture(self):
         saved = (self.c.clone(), self.pos.clone(), self.k_idx.clone())
@@ -93,20 +92,25 @@ class StaticTokenStep:
         self.pos.copy_(saved[1])
         self.k_idx.copy_(saved[2])
 
-    def run(self, noise: torch.Tensor, cfg: float, cfg_img: float, last: bool = False) -> torch.Tensor:
+    def run(self, noise: torch.Tensor, cfg: float, cfg_img: float, last: bool = False, forced=None) -> torch.Tensor:
         """Sample one token and advance the decoder; returns the static token buffer (read it before the next run).
 
-        With `last`, only the head runs: nothing reads the decoder after the final token.
+        With `last`, only the head runs: nothing reads the decoder after the final token. `forced` = (keep [B] bool,
+        tokens [B, D]): kept images take the given token, and when every image keeps it the head does not run.
         """
         self.noise.copy_(noise, non_blocking=True)
         self.cfg_t.fill_(cfg)
         self.cfg_img_t.fill_(cfg_img)
-        if last:
-            self._sample()
-        elif self.graph is not None:
+        if forced is None and self.graph is not None and not last:
             self.graph.replay()
-        else:
-            self._step()
+            return self.token
+        keep = None if forced is None else forced[0].to(self.token.device)
+        if keep is None or not bool(keep.all()):
+            self._sample()
+        if keep is not None:
+            self.token.copy_(torch.where(keep[:, None], forced[1].to(self.token.device, self.token.dtype), self.token))
+        if not last:
+            self._advance()
         return self.token
 
 

@@ -10,21 +10,16 @@ included; padding only ever shows up in the attention mask.
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import FAMILY_V1_1, ModelConfig
+from .config import ModelConfig
+from .family import family_of
 from .head import FlowMatchingHead
 
 # SDPA reads grouped K/V natively from torch 2.5 on; older torch gets an explicit repeat.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
-
-
-def default_operations():
-    return SimpleNamespace(Linear=nn.Linear, Embedding=nn.Embedding, LayerNorm=nn.LayerNorm)
 
 
 class RMSNorm(nn.Module):
@@ -60,7 +55,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Preallocated keys and values for every layer, plus which slots hold real (non-pad) tokens.
 
-    `length` is the number of filled slots; attention in a decode step reads only `[:length]`.
+    `update(layer, positions, k, v)` writes the new keys/values at their slots (one index write for prefill and
+    decode alike) and returns what attention reads: the slots up to `visible` — the filled ones on the plain path,
+    the whole cache on the fixed-shape path (`visible = None`), where a mask hides the slots not yet written.
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device):
@@ -70,7 +67,17 @@ class KVCache:
         self.real = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.has_padding = False  # decided once at prefill, so decode steps never ask the device
         self.max_len = max_len
-        self.length = 0
+        self.length = 0  # slots filled by the plain path
+        self.visible: int | None = None  # slots attention reads; None = all (fixed shapes)
+
+    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """k, v [B, Hkv, S, D] go to slots `positions` [S] (a device tensor); returns the cache's k, v to attend."""
+        self.k[layer].index_copy_(2, positions, k)
+        self.v[layer].index_copy_(2, positions, v)
+        n = self.visible
+        if n is None:
+            return self.k[layer], self.v[layer]
+        return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
 
     @staticmethod
     def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
@@ -89,21 +96,13 @@ class Attention(nn.Module):
         self.v_proj = ops.Linear(h, self.n_kv * self.head_dim, bias=cfg.attention_bias)
         self.o_proj = ops.Linear(self.n_heads * self.head_dim, h, bias=cfg.o_attention_bias)
 
-    def forward(self, x, cos, sin, cache: KVCache, layer: int, start: int, mask):
+    def forward(self, x, cos, sin, cache: KVCache, layer: int, positions: torch.Tensor, mask):
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if isinstance(start, torch.Tensor):  # static shapes (CUDA graphs): write at a device index, read it all
-            cache.k[layer].index_copy_(2, start, k)
-            cache.v[layer].index_copy_(2, start, v)
-            k, v = cache.k[layer], cache.v[layer]
-        else:
-            end = start + s
-            cache.k[layer][:, :, start:end] = k
-            cache.v[layer][:, :, start:end] = v
-            k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
+        k, v = cache.update(layer, positions, k, v)
         out = attention(q, k, v, mask, self.backend)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
@@ -142,8 +141,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache, layer, start, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start, mask)
+    def forward(self, x, cos, sin, cache, layer, positions, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, positions, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -161,7 +160,7 @@ def sincos_2d_table(dim: int, grid: int) -> torch.Tensor:
 class NextStep(nn.Module):
     def __init__(self, cfg: ModelConfig, operations=None, attn_backend: str = "sdpa", with_lm_head: bool = False):
         super().__init__()
-        ops = operations or default_operations()
+        ops = operations or nn  # a host (ComfyUI) may hand in its own Linear / Embedding / LayerNorm classes
         self.config = cfg
         self.attn_backend = attn_backend
         self.embed_tokens = ops.Embedding(cfg.vocab_size, cfg.hidden_size)
@@ -177,7 +176,12 @@ class NextStep(nn.Module):
             self.register_buffer("gen_pos_embed", sincos_2d_table(cfg.hidden_size, g)[None], persistent=True)
         else:
             self.gen_pos_embed = None
-        self.tokenizer = None  # set by the loader
+        # what the loader knows about the checkpoint (`loading.load_model` fills them in)
+        self.tokenizer = None
+        self.latent_affine: tuple[float, float] = (1.0, 0.0)  # (scale, shift): AR latents -> raw VAE latents
+        self.source_path = ""
+        self.unexpected_keys: list[str] = []
+        self.quant: str | None = None  # weight format when quantised: "fp8", "int8", ...
 
     @property
     def dtype(self) -> torch.dtype:
@@ -207,8 +211,9 @@ class NextStep(nn.Module):
         pos = torch.arange(start, end, device=x.device)
         cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
         mask = self._mask(cache, start, end, s)
+        cache.visible = end
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, start, mask)
+            x = layer(x, cos, sin, cache, i, pos, mask)
         cache.length = end
         return self.norm(x)
 
@@ -221,6 +226,7 @@ class NextStep(nn.Module):
         cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
         slots = torch.arange(cache.max_len, device=x.device)
         mask = (cache.real & (slots <= pos)[None, :])[:, None, None, :]
+        cache.visible = None
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, pos, mask)
         return self.norm(x)
@@ -242,12 +248,7 @@ class NextStep(nn.Module):
         """The gen_pos_embed row added to the condition that predicts token k (k = 0 at the prefix)."""
         if self.gen_pos_embed is None or k >= h * w:
             return None
-        g = self.config.base_image_grid_size
-        if self.config.family == FAMILY_V1_1:  # aspect-ratio slice of the G x G table, latent-grid dims
-            idx = (k // w) * g + (k % w)
-        else:  # GitHub NextStep-1: flat index into the 32-wide table
-            idx = k
-        return self.gen_pos_embed[0, idx]
+        return self.gen_pos_embed[0, family_of(self.config).pos_embed_index(k, w, self.config.base_image_grid_size)]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:

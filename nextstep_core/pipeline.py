@@ -7,6 +7,7 @@ import torch
 
 from .generation import Conditioning, sample
 from .images import decode_latents, encode_edit_images
+from .settings import SamplerSettings, family_defaults
 
 
 @dataclass
@@ -22,11 +23,14 @@ class GenerationResult:
         return [Image.fromarray(a) for a in arr]
 
 
-def generate(model, vae, prompts, images=None, positive_prompt: str = "", negative_prompt: str = "",
-             **sample_args) -> GenerationResult:
-    """Text-to-image (or editing, with one input image per prompt); `sample_args` as for `sample`."""
+def generate(model, vae, prompts, settings: SamplerSettings | None = None, images=None, positive_prompt: str = "",
+             negative_prompt: str = "", progress=None) -> GenerationResult:
+    """Text-to-image (or editing, with one input image per prompt). `settings` default to the model family's."""
+    edit = images is not None
+    settings = settings or family_defaults(model.config.family, edit=edit)
     cond = Conditioning(prompts, positive_prompt, negative_prompt)
-    if images is not None:
+    if edit:
         cond = encode_edit_images(vae, cond, images)
-    res = sample(model, cond, latent_affine=(vae.config.scaling_factor, vae.config.shift_factor), **sample_args)
+    res = sample(model, cond, settings, progress=progress,
+                 latent_affine=(vae.config.scaling_factor, vae.config.shift_factor))
     return GenerationResult(res.tokens, res.latents, decode_latents(vae, res.latents))

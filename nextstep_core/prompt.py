@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import FAMILY_V1_1, ModelConfig
+from .config import ModelConfig
 from .errors import CheckpointError, NextStepError
+from .family import family_of
 
 IMAGE_MARKER = "<image>"
 IMAGE_AREA = "<|image_area|>"
@@ -128,7 +129,7 @@ class PromptBatch:
 
 
 def build_rows(prompts: list[str], positive: str, negative: str, n_per_prompt: int, branches: int,
-               edit_sizes: list[tuple[int, int]] | None, family: str) -> tuple[list[str], list[int]]:
+               edit_sizes: list[tuple[int, int]] | None) -> tuple[list[str], list[int]]:
     """Caption strings for every guidance row, and which rows carry an input image.
 
     Rows: [cond × B] + ([image + negative × B] if 3 branches) + ([negative × B] if ≥ 2 branches), B = prompts ×
@@ -155,10 +156,10 @@ def build_rows(prompts: list[str], positive: str, negative: str, n_per_prompt: i
     return rows, [i for i, has in enumerate(images) if has]
 
 
-def tokenize_rows(tok: Tokenizer, cfg: ModelConfig, rows: list[str], h: int, w: int, family: str,
+def tokenize_rows(tok: Tokenizer, cfg: ModelConfig, rows: list[str], h: int, w: int,
                   image_rows: list[int]) -> PromptBatch:
     prefix = prefix_ids(tok, cfg, h, w)
-    bos = tok.bos_token if (family == FAMILY_V1_1 and tok.bos_token is not None) else ""
+    bos = tok.bos_token if (family_of(cfg).prepends_bos and tok.bos_token is not None) else ""
     seqs = [tok.encode(bos + r) + prefix for r in rows]
     longest = max(len(s) for s in seqs)
     pad = tok.token_to_id(tok.pad_token) if tok.pad_token else None

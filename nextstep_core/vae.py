@@ -152,7 +152,7 @@ def group_layer_norm(z: torch.Tensor, psz: int, eps: float = 1e-6) -> torch.Tens
 class AutoEncoder(nn.Module):
     def __init__(self, cfg: VAEConfig, operations=None):
         super().__init__()
-        ops = operations if operations is not None and hasattr(operations, "Conv2d") else nn
+        ops = operations or nn  # a host (ComfyUI) may hand in its own layer classes
         self.config = cfg
         self.encoder = Encoder(cfg, ops)
         self.decoder = Decoder(cfg, ops)

@@ -32,3 +32,15 @@ def assert_same_prompt_ids(golden, case: dict, model, input_sizes=None) -> None:
                          ns.guidance_branches(cond, case["cfg"], case["cfg_img"]))
     assert batch.input_ids.tolist() == golden[f"{case['name']}/input_ids"].tolist()
     assert batch.real.long().tolist() == golden[f"{case['name']}/attention_mask"].tolist()
+
+
+def settings_of(case: dict, **changes):
+    """The SamplerSettings of a golden case (the reference pipeline's arguments, under our names)."""
+    import nextstep_core as ns
+
+    h, w = case["hw"]
+    s = ns.SamplerSettings(width=w, height=h, images_per_prompt=case["num_images_per_caption"], cfg=case["cfg"],
+                           cfg_img=case["cfg_img"], cfg_schedule=case["cfg_schedule"],
+                           timesteps_shift=case["timesteps_shift"], steps=case["num_sampling_steps"],
+                           sampler=case.get("sampler"), use_norm=case["use_norm"], seed=case["seed"])
+    return s.replace(**changes)

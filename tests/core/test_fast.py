@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import nextstep_core as ns
-from nextstep_core import Conditioning, NextStepError, sample
+from nextstep_core import Conditioning, NextStepError, SamplerSettings, sample
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -16,8 +16,8 @@ def test_static_path_equals_the_eager_loop(tiny_model, kwargs):
     args = dict(width=48, height=32, steps=5, images_per_prompt=2, seed=3, cfg=4.0)
     args.update(kwargs)
     cond = Conditioning(["a cat", "the dog on the mat"], negative_prompt="blurry")
-    a = sample(tiny_model, cond, fast="eager", **args)
-    b = sample(tiny_model, cond, fast="static", **args)
+    a = sample(tiny_model, cond, SamplerSettings(fast="eager", **args))
+    b = sample(tiny_model, cond, SamplerSettings(fast="static", **args))
     assert torch.allclose(a.tokens, b.tokens, atol=1e-4)
 
 
@@ -30,30 +30,31 @@ def test_static_path_with_gen_pos_embed_and_editing(tmp_path, tiny_vae):
     assert m.gen_pos_embed is not None
     cond = ns.encode_edit_images(tiny_vae, Conditioning(["<image>x"]), [torch.rand(3, 32, 32)])
     args = dict(width=64, height=48, steps=3, cfg=3.0, cfg_img=2.0, seed=1)
-    a = sample(m, cond, fast="eager", **args)
-    b = sample(m, cond, fast="static", **args)
+    a = sample(m, cond, SamplerSettings(fast="eager", **args))
+    b = sample(m, cond, SamplerSettings(fast="static", **args))
     assert torch.allclose(a.tokens, b.tokens, atol=1e-4)
     with pytest.raises(NextStepError, match="position table covers at most 64x64"):
-        sample(m, Conditioning(["x"]), width=80, height=32, steps=1)
+        sample(m, Conditioning(["x"]), SamplerSettings(width=80, height=32, steps=1))
 
 
 def test_static_path_honours_progress_and_cancel(tiny_model):
     seen = []
-    sample(tiny_model, Conditioning(["a"]), width=32, height=32, steps=2, fast="static",
-           progress=lambda d, t, tok: seen.append((d, tok.shape[1])))
+    static = SamplerSettings(width=32, height=32, steps=2, fast="static")
+    sample(tiny_model, Conditioning(["a"]), static, progress=lambda d, t, tok: seen.append((d, tok.shape[1])))
     assert seen == [(1, 1), (2, 2), (3, 3), (4, 4)]
     with pytest.raises(ns.GenerationCancelled):
-        sample(tiny_model, Conditioning(["a"]), width=32, height=32, steps=2, fast="static",
-               should_cancel=lambda: len(seen) > 5, progress=lambda *a: seen.append(a))
+        sample(tiny_model, Conditioning(["a"]), static, should_cancel=lambda: len(seen) > 5,
+               progress=lambda *a: seen.append(a))
 
 
 def test_fast_mode_errors(tiny_model):
+    small = SamplerSettings(width=32, height=32, steps=4)
     with pytest.raises(NextStepError, match="CUDA graphs need a CUDA device"):
-        sample(tiny_model, Conditioning(["a"]), width=32, height=32, steps=2, fast="graph")
+        sample(tiny_model, Conditioning(["a"]), small.replace(fast="graph"))
     with pytest.raises(NextStepError, match="step annealing"):
-        sample(tiny_model, Conditioning(["a"]), width=32, height=32, steps=4, steps_end=2, fast="static")
+        sample(tiny_model, Conditioning(["a"]), small.replace(steps_end=2, fast="static"))
     with pytest.raises(NextStepError, match="unknown fast mode"):
-        sample(tiny_model, Conditioning(["a"]), width=32, height=32, steps=2, fast="turbo")
+        sample(tiny_model, Conditioning(["a"]), small.replace(fast="turbo"))
 
 
 def test_step_annealing_runs_fewer_head_steps_later(tiny_model, monkeypatch):
@@ -63,11 +64,11 @@ def test_step_annealing_runs_fewer_head_steps_later(tiny_model, monkeypatch):
     real = G.sample_token
 
     def spy(head, c, noise, grid, *a, **k):
-        used.append(len(grid) - 1)
+        used.append(len(grid.grid) - 1)
         return real(head, c, noise, grid, *a, **k)
 
     monkeypatch.setattr(G, "sample_token", spy)
-    sample(tiny_model, Conditioning(["a"]), width=64, height=32, steps=10, steps_end=2)
+    sample(tiny_model, Conditioning(["a"]), SamplerSettings(width=64, height=32, steps=10, steps_end=2))
     assert used[0] == 10 and used[-1] == 2 and used == sorted(used, reverse=True)
 
 
@@ -75,8 +76,8 @@ def test_step_annealing_runs_fewer_head_steps_later(tiny_model, monkeypatch):
 def test_cuda_graph_equals_eager_on_the_same_noise(tiny_dir):
     m = ns.load_model(tiny_dir, dtype="float32", device="cuda")
     args = dict(width=64, height=64, steps=6, images_per_prompt=2, seed=9, cfg=4.0, cfg_schedule="linear")
-    a = sample(m, Conditioning(["a cat"]), fast="eager", **args)
-    b = sample(m, Conditioning(["a cat"]), fast="graph", **args)
+    a = sample(m, Conditioning(["a cat"]), SamplerSettings(fast="eager", **args))
+    b = sample(m, Conditioning(["a cat"]), SamplerSettings(fast="graph", **args))
     assert torch.allclose(a.tokens, b.tokens, atol=1e-4)
 
 
@@ -92,7 +93,7 @@ def test_step_annealing_keeps_the_noise_stream_of_the_plain_run(tiny_model, monk
 
     monkeypatch.setattr(G, "sample_token", spy)
     for run, end in (("plain", None), ("annealed", 2)):
-        sample(tiny_model, Conditioning(["a"]), width=64, height=32, steps=8, steps_end=end, seed=4)
+        sample(tiny_model, Conditioning(["a"]), SamplerSettings(width=64, height=32, steps=8, steps_end=end, seed=4))
     assert all(torch.equal(a, b) for a, b in zip(seen["plain"], seen["annealed"]))
 
 
@@ -110,7 +111,7 @@ def test_a_failed_graph_capture_falls_back_to_the_same_results(tiny_model, monke
     monkeypatch.setattr(fast, "graphs_available", lambda device: True)
     args = dict(width=48, height=32, steps=3, seed=2, cfg=3.0)
     with caplog.at_level(logging.WARNING, logger="nextstep"):
-        b = sample(tiny_model, Conditioning(["a cat"]), fast="graph", **args)
-    a = sample(tiny_model, Conditioning(["a cat"]), fast="eager", **args)
+        b = sample(tiny_model, Conditioning(["a cat"]), SamplerSettings(fast="graph", **args))
+    a = sample(tiny_model, Conditioning(["a cat"]), SamplerSettings(fast="eager", **args))
     assert "continuing without graphs" in caplog.text
     assert torch.allclose(a.tokens, b.tokens, atol=1e-4)

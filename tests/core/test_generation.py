@@ -3,37 +3,37 @@ import pytest
 import torch
 
 import nextstep_core as ns
-from nextstep_core import Conditioning, GenerationCancelled, NextStepError, sample
+from nextstep_core import Conditioning, GenerationCancelled, NextStepError, SamplerSettings, sample
 
 FAST = dict(width=32, height=32, steps=4, cfg=3.0)
 
 
 def test_same_seed_is_bit_identical(tiny_model):
-    a = sample(tiny_model, Conditioning(["a cat"]), seed=7, **FAST)
-    b = sample(tiny_model, Conditioning(["a cat"]), seed=7, **FAST)
-    c = sample(tiny_model, Conditioning(["a cat"]), seed=8, **FAST)
+    a = sample(tiny_model, Conditioning(["a cat"]), SamplerSettings(seed=7, **FAST))
+    b = sample(tiny_model, Conditioning(["a cat"]), SamplerSettings(seed=7, **FAST))
+    c = sample(tiny_model, Conditioning(["a cat"]), SamplerSettings(seed=8, **FAST))
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.latents, b.latents)
     assert not torch.allclose(a.tokens, c.tokens)
 
 
 def test_a_batch_equals_single_runs_with_their_seeds(tiny_model):
-    batch = sample(tiny_model, Conditioning(["a cat", "the dog"]), images_per_prompt=2, seed=10, **FAST)
+    batch = sample(tiny_model, Conditioning(["a cat", "the dog"]),
+                   SamplerSettings(images_per_prompt=2, seed=10, **FAST))
     order = [("a cat", 10), ("a cat", 11), ("the dog", 12), ("the dog", 13)]
     for i, (p, s) in enumerate(order):
-        single = sample(tiny_model, Conditioning([p]), seed=s, **FAST)
+        single = sample(tiny_model, Conditioning([p]), SamplerSettings(seed=s, **FAST))
         assert torch.allclose(batch.tokens[i], single.tokens[0], atol=1e-4), i
 
 
 def test_prompts_and_guidance_change_the_result(tiny_model):
-    a = sample(tiny_model, Conditioning(["a cat"]), seed=1, **FAST).tokens
-    assert not torch.allclose(a, sample(tiny_model, Conditioning(["the dog"]), seed=1, **FAST).tokens, atol=1e-3)
-    assert not torch.allclose(a, sample(tiny_model, Conditioning(["a cat"], negative_prompt="blurry"), seed=1,
-                                        **FAST).tokens, atol=1e-3)
+    a = sample(tiny_model, Conditioning(["a cat"]), SamplerSettings(seed=1, **FAST)).tokens
+    for other in (Conditioning(["the dog"]), Conditioning(["a cat"], negative_prompt="blurry")):
+        assert not torch.allclose(a, sample(tiny_model, other, SamplerSettings(seed=1, **FAST)).tokens, atol=1e-3)
 
 
 @pytest.mark.parametrize("w,h", [(64, 32), (16, 48)])
 def test_non_square_sizes(tiny_model, tiny_vae, w, h):
-    r = ns.generate(tiny_model, tiny_vae, ["a wide view"], width=w, height=h, steps=3, seed=0)
+    r = ns.generate(tiny_model, tiny_vae, ["a wide view"], ns.SamplerSettings(width=w, height=h, steps=3, seed=0))
     assert r.tokens.shape == (1, (w // 16) * (h // 16), 64)
     assert r.latents.shape == (1, 16, h // 8, w // 8) and r.images.shape == (1, 3, h, w)
     assert r.pil()[0].size == (w, h)
@@ -41,8 +41,8 @@ def test_non_square_sizes(tiny_model, tiny_vae, w, h):
 
 def test_progress_fires_once_per_token_with_the_partial_tokens(tiny_model):
     seen = []
-    r = sample(tiny_model, Conditioning(["a"]), progress=lambda d, t, tok: seen.append((d, t, tok.shape[1])),
-               width=48, height=32, steps=2)
+    r = sample(tiny_model, Conditioning(["a"]), SamplerSettings(width=48, height=32, steps=2),
+               progress=lambda d, t, tok: seen.append((d, t, tok.shape[1])))
     assert seen == [(k, 6, k) for k in range(1, 7)]
     assert r.tokens.shape[1] == 6
 
@@ -55,21 +55,22 @@ def test_cancel_midway_then_the_model_is_reusable(tiny_model):
         return len(calls) > 3
 
     with pytest.raises(GenerationCancelled):
-        sample(tiny_model, Conditioning(["a cat"]), seed=3, should_cancel=cancel_after_three, **FAST)
+        sample(tiny_model, Conditioning(["a cat"]), SamplerSettings(seed=3, **FAST),
+               should_cancel=cancel_after_three)
     assert len(calls) == 4
-    fresh = sample(tiny_model, Conditioning(["a cat"]), seed=3, **FAST)
-    again = sample(tiny_model, Conditioning(["a cat"]), seed=3, should_cancel=lambda: False, **FAST)
+    fresh = sample(tiny_model, Conditioning(["a cat"]), SamplerSettings(seed=3, **FAST))
+    again = sample(tiny_model, Conditioning(["a cat"]), SamplerSettings(seed=3, **FAST), should_cancel=lambda: False)
     assert torch.equal(fresh.tokens, again.tokens)
 
 
 def test_all_samplers_and_families_run(tiny_model):
     for s in ns.SAMPLERS:
-        r = sample(tiny_model, Conditioning(["x"]), sampler=s, **FAST)
+        r = sample(tiny_model, Conditioning(["x"]), SamplerSettings(sampler=s, **FAST))
         assert torch.isfinite(r.tokens).all(), s
 
 
 def test_use_norm_normalises_every_token(tiny_model):
-    r = sample(tiny_model, Conditioning(["x"]), use_norm=True, **FAST)
+    r = sample(tiny_model, Conditioning(["x"]), SamplerSettings(use_norm=True, **FAST))
     assert torch.allclose(r.tokens.mean(-1), torch.zeros(1, 4), atol=1e-5)
 
 
@@ -77,13 +78,13 @@ def test_editing_three_branch_and_the_cfg1_fix(tiny_model, tiny_vae):
     img = torch.rand(3, 32, 48)
     cond = ns.encode_edit_images(tiny_vae, Conditioning(["<image>make it red"]), [img])
     assert cond.edit_latents[0].shape == (16, 4, 6)
-    a = sample(tiny_model, cond, cfg=3.0, cfg_img=2.0, width=32, height=32, steps=3, seed=1)
+    a = sample(tiny_model, cond, SamplerSettings(cfg=3.0, cfg_img=2.0, width=32, height=32, steps=3, seed=1))
     # cfg = 1 with cfg_img != 1: the reference crashes with a shape error; here it is three-branch guidance
-    b = sample(tiny_model, cond, cfg=1.0, cfg_img=2.0, width=32, height=32, steps=3, seed=1)
+    b = sample(tiny_model, cond, SamplerSettings(cfg=1.0, cfg_img=2.0, width=32, height=32, steps=3, seed=1))
     assert torch.isfinite(b.tokens).all() and not torch.allclose(a.tokens, b.tokens)
     # the input image matters
     other = ns.encode_edit_images(tiny_vae, Conditioning(["<image>make it red"]), [1 - img])
-    c = sample(tiny_model, other, cfg=3.0, cfg_img=2.0, width=32, height=32, steps=3, seed=1)
+    c = sample(tiny_model, other, SamplerSettings(cfg=3.0, cfg_img=2.0, width=32, height=32, steps=3, seed=1))
     assert not torch.allclose(a.tokens, c.tokens, atol=1e-4)
 
 
@@ -96,7 +97,10 @@ def test_edit_marker_is_added_when_missing(tiny_vae):
     (dict(width=40), "width 40 is not supported.*multiple of 16"),
     (dict(height=0), "height 0"),
     (dict(width=8192), "width 8192"),
-    (dict(steps=0), "steps must be at least 1"),
+    (dict(steps=0), "steps must be a whole number from 1"),
+    (dict(cfg=float("nan")), "cfg must be a finite number above 0"),
+    (dict(timesteps_shift=0.0), "timesteps_shift must be a finite number above 0"),
+    (dict(seed=2**64), "seed must be a whole number from 0"),
     (dict(images_per_prompt=0), "images per prompt"),
     (dict(sampler="dpm"), "unknown sampler"),
     (dict(cfg_schedule="cosine"), "unknown cfg schedule"),
@@ -105,30 +109,30 @@ def test_edit_marker_is_added_when_missing(tiny_vae):
 def test_bad_settings_fail_before_any_compute(tiny_model, kwargs, match):
     args = dict(FAST, **kwargs)
     with pytest.raises(NextStepError, match=match):
-        sample(tiny_model, Conditioning(["a"]), **args)
+        sample(tiny_model, Conditioning(["a"]), SamplerSettings(**args))
 
 
 def test_bad_prompts_and_images(tiny_model, tiny_vae):
     with pytest.raises(NextStepError, match="no prompt"):
-        sample(tiny_model, Conditioning([]), **FAST)
+        sample(tiny_model, Conditioning([]), SamplerSettings(**FAST))
     with pytest.raises(NextStepError, match="contains <image> but no input image"):
-        sample(tiny_model, Conditioning(["<image>edit"]), **FAST)
+        sample(tiny_model, Conditioning(["<image>edit"]), SamplerSettings(**FAST))
     with pytest.raises(NextStepError, match="2 input image\\(s\\) for 1 prompt"):
         ns.encode_edit_images(tiny_vae, Conditioning(["a"]), [torch.rand(3, 16, 16)] * 2)
     with pytest.raises(NextStepError, match="input image 0 is 20x16.*multiples of 16"):
         ns.encode_edit_images(tiny_vae, Conditioning(["a"]), [torch.rand(3, 16, 20)])
-    with pytest.raises(NextStepError, match="cannot use str"):
-        ns.encode_edit_images(tiny_vae, Conditioning(["a"]), ["photo.png"])
+    with pytest.raises(NextStepError, match="cannot read the image photo.png: there is no such file"):
+        ns.encode_edit_images(tiny_vae, Conditioning(["a"]), ["photo.png"])  # a path is read by images.read_image
     cond = ns.encode_edit_images(tiny_vae, Conditioning(["<image> <image> twice"]), [torch.rand(3, 16, 16)])
     with pytest.raises(NextStepError, match="exactly one <image>"):
-        sample(tiny_model, cond, **FAST)
+        sample(tiny_model, cond, SamplerSettings(**FAST))
 
 
 def test_a_batch_that_cannot_fit_is_refused_up_front(tiny_model, monkeypatch):
     psutil = pytest.importorskip("psutil")
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("vm", (), {"available": 1000})())
     with pytest.raises(NextStepError, match="KV cache.*use fewer images or a smaller size"):
-        sample(tiny_model, Conditioning(["a"]), **FAST)
+        sample(tiny_model, Conditioning(["a"]), SamplerSettings(**FAST))
 
 
 def test_memory_estimate_grows_with_size_and_rows(tiny_model):

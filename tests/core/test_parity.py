@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import nextstep_core as ns
-from tests.core.golden_checks import assert_matches_golden, assert_same_prompt_ids
+from tests.core.golden_checks import assert_matches_golden, assert_same_prompt_ids, settings_of
 
 HERE = os.path.join(os.path.dirname(__file__), "golden")
 CASES = json.load(open(os.path.join(HERE, "cases.json")))
@@ -37,11 +37,7 @@ def _run(ckpt, case):
     if case.get("images"):
         cond = ns.encode_edit_images(vae, cond, [Image.open(os.path.join(HERE, p)).convert("RGB")
                                                  for p in case["images"]])
-    h, w = case["hw"]
-    res = ns.sample(model, cond, width=w, height=h, images_per_prompt=case["num_images_per_caption"], cfg=case["cfg"],
-                    cfg_img=case["cfg_img"], cfg_schedule=case["cfg_schedule"],
-                    timesteps_shift=case["timesteps_shift"], steps=case["num_sampling_steps"],
-                    use_norm=case["use_norm"], seed=case["seed"], noise="reference")
+    res = ns.sample(model, cond, settings_of(case, noise="reference"))
     return cond, res, ns.decode_latents(vae, res.latents)
 
 
@@ -62,8 +58,8 @@ def test_reference_noise_mode_differs_from_the_default(ckpt):
     case = CASES[0]
     model, _ = ckpt
     args = dict(width=64, height=64, images_per_prompt=2, steps=3, seed=42)
-    ref = ns.sample(model, ns.Conditioning(case["captions"]), noise="reference", **args)
-    ind = ns.sample(model, ns.Conditioning(case["captions"]), **args)
+    ref = ns.sample(model, ns.Conditioning(case["captions"]), ns.SamplerSettings(noise="reference", **args))
+    ind = ns.sample(model, ns.Conditioning(case["captions"]), ns.SamplerSettings(**args))
     assert not torch.allclose(ref.tokens, ind.tokens)
     # the reference shares noise between prompts (image j of every prompt gets the same draws); ours does not
     assert not torch.allclose(ind.tokens[0], ind.tokens[2])

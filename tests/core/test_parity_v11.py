@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 import nextstep_core as ns
-from tests.core.golden_checks import assert_matches_golden, assert_same_prompt_ids
+from tests.core.golden_checks import assert_matches_golden, assert_same_prompt_ids, settings_of
 from nextstep_core import generation
 
 HERE = os.path.join(os.path.dirname(__file__), "golden")
@@ -72,7 +72,7 @@ def _images(case):
 
 
 class _RecordedNoise:
-    """Stands in for generation._Noise: hands out the reference's draws, token by token, as [draws, B, 64]."""
+    """Stands in for generation.NoiseSource: hands out the reference's draws, token by token, as [draws, B, 64]."""
 
     def __init__(self, noise):
         self.noise, self.k = noise, 0
@@ -91,12 +91,8 @@ def _run(checkpoints, case, noise, monkeypatch):
     if case.get("images"):
         cond = ns.encode_edit_images(vae, cond, _images(case))
     replay = _RecordedNoise(noise)
-    monkeypatch.setattr(generation, "_Noise", lambda *a, **k: replay)
-    h, w = case["hw"]
-    res = ns.sample(model, cond, width=w, height=h, images_per_prompt=case["num_images_per_caption"],
-                    cfg=case["cfg"], cfg_img=case["cfg_img"], cfg_schedule=case["cfg_schedule"],
-                    timesteps_shift=case["timesteps_shift"], steps=case["num_sampling_steps"],
-                    sampler=case["sampler"], use_norm=case["use_norm"], seed=case["seed"])
+    monkeypatch.setattr(generation, "NoiseSource", lambda *a, **k: replay)
+    res = ns.sample(model, cond, settings_of(case))
     assert replay.k == noise.shape[0], "every recorded token's noise must be consumed"
     return cond, res, ns.decode_latents(vae, res.latents)
 
@@ -116,17 +112,19 @@ def test_same_rows_token_ids_and_padding(checkpoints, golden, case):
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_guidance_schedule_and_noise_shape(golden, case):
-    from nextstep_core.sampling import cfg_at, draws_needed
+    from nextstep_core.family import NEXTSTEP_1_1
+    from nextstep_core.sampling import cfg_at
 
     n = case["name"]
     noise = golden[f"{n}/noise"]
     T = noise.shape[0]
-    ours = [(cfg_at(k, T, case["cfg"], case["cfg_schedule"], ns.FAMILY_V1_1),
-             cfg_at(k, T, case["cfg_img"], case["cfg_schedule"], ns.FAMILY_V1_1)) for k in range(T)]
+    ours = [(cfg_at(k, T, case["cfg"], case["cfg_schedule"], NEXTSTEP_1_1),
+             cfg_at(k, T, case["cfg_img"], case["cfg_schedule"], NEXTSTEP_1_1)) for k in range(T)]
     np.testing.assert_allclose(np.array(ours), golden[f"{n}/cfg_per_step"], rtol=0, atol=1e-6)
     # one draw per row (not per image index, not tiled over prompts): B = prompts × images per prompt
     B = len(case["captions"]) * case["num_images_per_caption"]
-    assert noise.shape[1:] == (draws_needed(case["num_sampling_steps"], case["sampler"], ns.FAMILY_V1_1), B, 64)
+    draws = NEXTSTEP_1_1.draws_needed(case["num_sampling_steps"], stochastic=case["sampler"] != "euler")
+    assert noise.shape[1:] == (draws, B, 64)
 
 
 def test_official_noise_is_one_seeded_stream(golden):
@@ -145,9 +143,5 @@ def test_reference_noise_mode_reproduces_the_official_v11_draws(checkpoints, gol
     cond = ns.Conditioning(case["captions"], case["positive_prompt"], case["negative_prompt"])
     if case.get("images"):
         cond = ns.encode_edit_images(vae, cond, _images(case))
-    h, w = case["hw"]
-    res = ns.sample(model, cond, width=w, height=h, images_per_prompt=case["num_images_per_caption"],
-                    cfg=case["cfg"], cfg_img=case["cfg_img"], cfg_schedule=case["cfg_schedule"],
-                    timesteps_shift=case["timesteps_shift"], steps=case["num_sampling_steps"],
-                    sampler=case["sampler"], use_norm=case["use_norm"], seed=case["seed"], noise="reference")
+    res = ns.sample(model, cond, settings_of(case, noise="reference"))
     assert np.abs(res.tokens.numpy() - golden[f"{case['name']}/tokens"]).max() < 1e-4

@@ -1,5 +1,6 @@
 """Prompt layout and token ids as the reference builds them; patchify/unpatchify."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -41,19 +42,19 @@ def test_bos_rule_strips_the_prefix_and_prepends_for_1_1(tiny_dir):
     cfg = load_model(tiny_dir, dtype="float32").config
     # a tokenizer that does not auto-add BOS: the reference strips <|image_area|> itself (its H2 state)
     assert prefix_ids(tok, cfg, 2, 2)[0] == tok.token_to_id("2")
-    v1 = tokenize_rows(tok, cfg, ["a cat"], 2, 2, FAMILY_V1, []).input_ids[0].tolist()
-    v11 = tokenize_rows(tok, cfg, ["a cat"], 2, 2, FAMILY_V1_1, []).input_ids[0].tolist()
+    v1 = tokenize_rows(tok, replace(cfg, family="nextstep-1"), ["a cat"], 2, 2, []).input_ids[0].tolist()
+    v11 = tokenize_rows(tok, replace(cfg, family="nextstep-1.1"), ["a cat"], 2, 2, []).input_ids[0].tolist()
     assert v11 == [tok.token_to_id("<|endoftext|>")] + v1
 
 
 def test_rows_for_each_guidance_mode():
-    rows, img = build_rows(["p1", "p2"], "pos", "neg", 2, 2, None, FAMILY_V1)
+    rows, img = build_rows(["p1", "p2"], "pos", "neg", 2, 2, None)
     assert rows == ["p1 pos", "p1 pos", "p2 pos", "p2 pos", "neg", "neg", "neg", "neg"] and img == []
-    rows, img = build_rows(["<image>edit"], "", "Copy original image.", 1, 3, [(2, 3)], FAMILY_V1)
+    rows, img = build_rows(["<image>edit"], "", "Copy original image.", 1, 3, [(2, 3)])
     assert rows[0] == image_string(2, 3) + "edit"
     assert rows[1] == image_string(2, 3) + "Copy original image." and rows[2] == "Copy original image."
     assert img == [0, 1]
-    assert build_rows(["a"], "", "", 1, 1, None, FAMILY_V1) == (["a"], [])
+    assert build_rows(["a"], "", "", 1, 1, None) == (["a"], [])
 
 
 def test_edit_string_tokenises_to_placeholders(tiny_model):
@@ -64,7 +65,7 @@ def test_edit_string_tokenises_to_placeholders(tiny_model):
 
 
 def test_left_padding(tiny_model):
-    b = tokenize_rows(tiny_model.tokenizer, tiny_model.config, ["a", "the cat on the mat"], 2, 2, FAMILY_V1, [])
+    b = tokenize_rows(tiny_model.tokenizer, tiny_model.config, ["a", "the cat on the mat"], 2, 2, [])
     assert b.real[0].sum() < b.real[1].sum() and bool(b.real[1].all())
     assert not bool(b.real[0, 0]) and bool(b.real[0, -1])
     assert b.input_ids[0, 0].item() == tiny_model.tokenizer.token_to_id("[PAD]")

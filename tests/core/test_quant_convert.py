@@ -45,7 +45,7 @@ def test_quantised_model_generates_close_to_the_original(tiny_dir, tmp_path, fmt
     assert q.quant == fmt and q.layers[0].mlp.up_proj.weight.element_size() == 1
     cond = ns.Conditioning(["a cat"])
     args = dict(width=32, height=32, steps=4, seed=1, cfg=3.0)
-    a, b = ns.sample(ref, cond, **args), ns.sample(q, cond, **args)
+    a, b = ns.sample(ref, cond, ns.SamplerSettings(**args)), ns.sample(q, cond, ns.SamplerSettings(**args))
     rel = (a.tokens - b.tokens).norm() / a.tokens.norm()
     assert 0 < rel < (0.2 if fmt == "fp8" else 0.05), rel
 

@@ -4,30 +4,8 @@ import math
 import pytest
 import torch
 
-from nextstep_core.config import FAMILY_V1, FAMILY_V1_1
-from nextstep_core.sampling import Guidance, cfg_at, draws_needed, sample_token, shift_time, time_grid
-
-
-def test_v1_grid_is_linspace_to_096_shifted_plus_a_fixed_004_step():
-    g = time_grid(50, 1.0, FAMILY_V1)
-    assert len(g) == 51 and g[0] == 0 and math.isclose(float(g[-2]), 0.96, rel_tol=1e-6)
-    assert math.isclose(float(g[-1]), 1.0, rel_tol=1e-6)
-    g = time_grid(50, 3.2, FAMILY_V1)
-    assert math.isclose(float(g[-2]), 0.96 / (3.2 - 2.2 * 0.96), rel_tol=1e-5)
-    assert math.isclose(float(g[-1] - g[-2]), 0.04, rel_tol=1e-4)  # unshifted final step: ends at 0.9224
-
-
-def test_v11_grid_lands_on_one():
-    g = time_grid(28, 1.0, FAMILY_V1_1)
-    assert len(g) == 29 and float(g[-1]) == 1.0 and math.isclose(float(g[1]), 1 / 28, rel_tol=1e-5)
-    g = time_grid(50, 3.2, FAMILY_V1_1)
-    assert math.isclose(float(g[1]), float(shift_time(torch.tensor(0.02), 3.2)), rel_tol=1e-6)
-
-
-def test_draw_counts_match_the_reference():
-    assert draws_needed(50, "euler_maruyama", FAMILY_V1) == 50  # x0 + 49 SDE steps; the 0.04 step is deterministic
-    assert draws_needed(28, "euler_maruyama", FAMILY_V1_1) == 29
-    assert draws_needed(28, "euler", FAMILY_V1_1) == 1
+from nextstep_core.family import NEXTSTEP_1 as FAMILY_V1, NEXTSTEP_1_1 as FAMILY_V1_1
+from nextstep_core.sampling import Guidance, HeadPlan, cfg_at, sample_token
 
 
 def test_cfg_schedules():
@@ -59,9 +37,10 @@ class _ConstHead:
 def test_euler_with_constant_velocity_moves_by_v_times_the_time_span():
     v = torch.full((1, 64), 0.5)
     for fam in (FAMILY_V1, FAMILY_V1_1):
-        grid = time_grid(10, 1.0, fam)
+        grid = fam.time_grid(10, 1.0)
         noise = torch.zeros(1, 1, 64)
-        x = sample_token(_ConstHead(v), torch.zeros(1, 4), noise, grid, Guidance(1, 1, 1), "euler", fam, hoist=False)
+        plan = HeadPlan(grid, grid, None, "euler", fam, hoist=False)
+        x = sample_token(_ConstHead(v), torch.zeros(1, 4), noise, plan, Guidance(1, 1, 1))
         assert torch.allclose(x, v * float(grid[-1] - grid[0]), atol=1e-6)
 
 
@@ -72,8 +51,8 @@ def test_flow_sde_first_step_matches_the_1_1_formula():
     n = 28
 
     x, v, xi = torch.ones(1, 4), torch.full((1, 4), 2.0), torch.full((1, 4), 0.5)
-    full = time_grid(n, 1.0, FAMILY_V1_1)
-    out = _update("flow_sde", x, v, 0.0, float(full[1]), float(full[1]), xi, 0, full)
+    full = FAMILY_V1_1.time_grid(n, 1.0)
+    out = _update("flow_sde", x, v, 0, full, xi)
     assert torch.allclose(out, 0.68 * x + v / n + 0.8 * xi, atol=1e-5)
 
 
@@ -81,5 +60,5 @@ def test_cps_last_step_returns_the_data_estimate():
     from nextstep_core.sampling import _update
 
     x, v = torch.randn(2, 4), torch.randn(2, 4)
-    out = _update("flow_cps", x, v, 0.9, 1.0, 0.1, torch.randn(2, 4), 5, torch.tensor([0.0, 0.9, 1.0]))
+    out = _update("flow_cps", x, v, 1, torch.tensor([0.0, 0.9, 1.0]), torch.randn(2, 4))
     assert torch.allclose(out, x + 0.1 * v)

@@ -1,0 +1,97 @@
+"""Teacher forcing: keep some image tokens exactly as given and let the model write the rest.
+
+NextStep writes an image token by token in raster order (16x16 pixels per token, row after row), feeding each token
+back into the decoder. A kept token is fed back as given instead of being sampled, and the head does not run for it
+(unless another image of the batch samples that position), so every later token is generated knowing it. Kept
+tokens still consume their noise draws: with the same seed and settings, regenerating part of an image the sampler
+itself produced reproduces the rest of it exactly.
+
+Raster order decides what a regenerated token can see: everything above it and to its left, never what lies below
+or to its right. Masks that reach the bottom edge (reroll from a row, outpaint downwards) continue the image
+naturally; a hole in the middle is written without knowing the kept part below it, so seams can appear there.
+
+    init = TokenInit.from_latents(latents, model.config, model.latent_affine, keep=keep_rows(8, h, w))
+    res = sample(model, cond, settings, init=init)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import NextStepError
+from .prompt import patchify
+
+
+def keep_rows(k: int, h: int, w: int) -> torch.Tensor:
+    """Keep mask [h*w] that keeps the top k token rows (16 pixels each) and regenerates the rest."""
+    if not 0 <= k <= h:
+        raise NextStepError(f"keep_rows {k} is outside the image's {h} token rows (0 keeps nothing, {h} keeps all).")
+    keep = torch.zeros(h, w, dtype=torch.bool)
+    keep[:k] = True
+    return keep.flatten()
+
+
+def keep_from_mask(mask: torch.Tensor, h: int, w: int, threshold: float = 0.0) -> torch.Tensor:
+    """Token keep mask [B, h*w] from a regenerate mask (1 = regenerate) at pixel, latent or any resolution.
+
+    `mask` is [H, W], [B, H, W] or [B, 1, H, W] with values 0..1. Each token takes the mean of the mask over its
+    16x16-pixel area (2x2 at latent resolution; proportional windows at other resolutions) and is regenerated when
+    that mean is above `threshold` — with the default 0, when any pixel of its block is masked.
+    """
+    m = mask.float()
+    if m.ndim == 2:
+        m = m[None]
+    if m.ndim == 4 and m.shape[1] == 1:
+        m = m[:, 0]
+    if m.ndim != 3:
+        raise NextStepError(f"a mask must be [H, W] or [B, H, W], got shape {list(mask.shape)}.")
+    masked = F.adaptive_avg_pool2d(m[:, None], (h, w))[:, 0]  # [B, h, w]: the masked share of each token
+    return (masked <= threshold).flatten(1)
+
+
+@dataclass
+class TokenInit:
+    """The starting canvas: tokens [B or 1, T, D] in the model's token space and which of them to keep.
+
+    `keep` is [T], [h, w], [B, T] or [B, h, w] (bool, True = keep). One row (B = 1) is shared by every image.
+    """
+    tokens: torch.Tensor
+    keep: torch.Tensor
+
+    @classmethod
+    def from_latents(cls, latents: torch.Tensor, cfg, latent_affine=(1.0, 0.0), keep=None) -> "TokenInit":
+        """From latents [B, C, H/8, W/8] in the VAE's raw space (what the sampler returns and VAE Encode gives)."""
+        if latents.ndim != 4 or latents.shape[1] != cfg.latent_channels:
+            raise NextStepError(f"init latents must be [batch, {cfg.latent_channels}, height/8, width/8], got "
+                                f"{list(latents.shape)}: encode the image with the NextStep VAE.")
+        scale, shift = latent_affine
+        tokens = patchify((latents.float().cpu() - shift) * scale, cfg.latent_patch_size)
+        if keep is None:
+            keep = torch.zeros(tokens.shape[1], dtype=torch.bool)
+        return cls(tokens, keep)
+
+    def resolve(self, n_img: int, h: int, w: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens [n_img, T, D] float32, keep [n_img, T] bool) on the CPU, or a NextStepError saying what is off."""
+        t = h * w
+        tokens = self.tokens.float().cpu()
+        if tokens.ndim != 3 or tokens.shape[1:] != (t, dim):
+            raise NextStepError(f"the init tokens are {list(tokens.shape)} but this image needs [batch, {t}, {dim}] "
+                                f"({w * 16}x{h * 16} pixels): give an image or latent of the output's size.")
+        keep = self.keep.bool().cpu()
+        if keep.shape[-2:] == (h, w):
+            keep = keep.flatten(-2)
+        if keep.ndim == 1:
+            keep = keep[None]
+        if keep.ndim != 2 or keep.shape[1] != t:
+            raise NextStepError(f"the keep mask has shape {list(self.keep.shape)} but the image has {h}x{w} tokens.")
+        return _per_image(tokens, n_img, "init tokens"), _per_image(keep, n_img, "keep masks")
+
+
+def _per_image(x: torch.Tensor, n_img: int, what: str) -> torch.Tensor:
+    if x.shape[0] == n_img:
+        return x
+    if x.shape[0] == 1:
+        return x.expand(n_img, *x.shape[1:]).clone()
+    raise NextStepError(f"{x.shape[0]} {what} for {n_img} images: give one for all, or one per image.")
