@@ -184,9 +184,9 @@ def test_an_int4_model_generates_close_to_bf16(int4_dir, tmp_path):
     out = convert(int4_dir, str(tmp_path / "m_int4.safetensors"), "int4")
     ref, q = ns.load_model(int4_dir, dtype="bfloat16"), ns.load_model(out, dtype="bfloat16")
     cond = ns.Conditioning(["a cat"])
-    args = dict(width=32, height=32, steps=4, seed=1, cfg=3.0)
-    a, b = ns.sample(ref, cond, **args), ns.sample(q, cond, **args)
-    other = ns.sample(ref, cond, **{**args, "seed": 2})
+    settings = ns.SamplerSettings(width=32, height=32, steps=4, seed=1, cfg=3.0)
+    a, b = ns.sample(ref, cond, settings), ns.sample(q, cond, settings)
+    other = ns.sample(ref, cond, settings.replace(seed=2))
     err, scale = rel(b.tokens, a.tokens), rel(other.tokens, a.tokens)
     assert torch.isfinite(b.tokens).all() and 0 < err < 0.5 * scale, (err, scale)
 
@@ -223,8 +223,8 @@ def test_an_int4_file_loads_through_the_fallback_with_the_same_numbers(int4_dir,
         x = torch.randn(2, lp.in_features).bfloat16()
         assert rel(lf(x), lp(x)) < PACKED_BOUND, name
     cond = ns.Conditioning(["a cat"])
-    args = dict(width=32, height=32, steps=4, seed=1, cfg=3.0)
-    assert rel(ns.sample(plain, cond, **args).tokens, ns.sample(packed, cond, **args).tokens) < 0.05
+    settings = ns.SamplerSettings(width=32, height=32, steps=4, seed=1, cfg=3.0)
+    assert rel(ns.sample(plain, cond, settings).tokens, ns.sample(packed, cond, settings).tokens) < 0.05
 
 
 def _boom(*args, **kwargs):
