@@ -327,7 +327,7 @@ def load_model(path: str, dtype="bfloat16", device=None, operations=None, attn_b
     loading (tensor by tensor, so the unquantised model is never in memory). `dtype` is the compute dtype.
     """
     from .model import NextStep
-    from .quant import QUANT_FORMATS, QUANT_SUFFIXES, prepare_quantized, quantized_operations, stored_shape
+    from .quant import QUANT_FORMATS, QUANT_SUFFIXES, prepare_quantized, quantized_operations, stored_shapes
 
     cfg, src = read_model_config(path, family)
     dtype, device = parse_dtype(dtype), torch.device(device or "cpu")
@@ -358,8 +358,7 @@ def load_model(path: str, dtype="bfloat16", device=None, operations=None, attn_b
     with torch.device("meta"):
         model = NextStep(cfg, ops, attn_backend, with_lm_head=load_lm_head)
     expected = expected_shapes(model)
-    if quant and not quantize:  # a quantised file: int4 weights hold two codes per byte
-        expected = {k: stored_shape(k, s, quant) for k, s in expected.items()}
+    expected = stored_shapes(expected, None if quantize else quant)  # int4 files: two codes per byte
     optional = {"gen_pos_embed"} | ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
     unexpected = check_keys(expected, src, "model", optional)
     unexpected = [k for k in unexpected if not k.startswith(_SKIPPABLE) and not k.endswith("rotary_emb.inv_freq")

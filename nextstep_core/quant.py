@@ -90,6 +90,11 @@ def stored_shape(key: str, shape, fmt: str) -> tuple:
     return tuple(plan[0][2]) if plan else tuple(shape)
 
 
+def stored_shapes(expected: dict, fmt: str | None) -> dict:
+    """{key: shape} of a module as a file quantised as `fmt` holds it (None: unchanged)."""
+    return {k: stored_shape(k, s, fmt) for k, s in expected.items()} if fmt else expected
+
+
 def quantize_weight(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, ...]:
     """[out, in] float weight -> (codes, float32 scale [out]) for fp8 / int8; (nibbles, scale, zero) for int4."""
     if fmt == "int4":

@@ -229,3 +229,13 @@ def test_an_int4_file_loads_through_the_fallback_with_the_same_numbers(int4_dir,
 
 def _boom(*args, **kwargs):
     raise RuntimeError("int4 kernel unavailable")
+
+
+def test_info_describes_an_int4_file_with_the_unquantised_parameter_count(int4_dir, tmp_path):
+    from nextstep_core.info import describe
+
+    out = convert(int4_dir, str(tmp_path / "m_int4.safetensors"), "int4")
+    text, original = describe(out), describe(int4_dir)
+    assert "quantised int4" in text
+    count = [ln for ln in original.splitlines() if "parameters:" in ln]
+    assert count and count[0] in text.splitlines()  # int4's half-byte codes still count as one parameter each
