@@ -85,17 +85,12 @@ def _settings(family, edit: bool, given: dict):
 
 def check_prompts(prompts: list, positive: str | None, negative: str | None, edit: bool) -> None:
     """Text the tokenizer can take: valid UTF-8 (argv bytes that are not arrive as lone surrogates), markers right."""
-    from .prompt import IMAGE_MARKER
+    from .prompt import IMAGE_MARKER, check_text
 
     named = [(f"prompt {i + 1}", p) for i, p in enumerate(prompts)]
     named += [(n, p) for n, p in (("--positive", positive), ("--negative", negative)) if p is not None]
     for name, text in named:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            bad = text[e.start].encode("utf-8", "surrogateescape")
-            raise NextStepError(f"{name} is not valid UTF-8 text (byte 0x{bad.hex()} at character {e.start + 1}): "
-                                "set your terminal to UTF-8, or pass the text in UTF-8.") from None
+        check_text(name, text)
     for name, text in named[:len(prompts)]:
         n = text.count(IMAGE_MARKER)
         if n > (1 if edit else 0):
