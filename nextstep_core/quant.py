@@ -291,7 +291,7 @@ def make_quant_linear(base: type) -> type:
                 if cache[self] is None:
                     cache[self] = self._expand(w, x.dtype)
                 return F.linear(x, cache[self], bias)
-            if self.weight_zero is not None:
+            if self.weight_zero is not None or x.dtype == torch.float16:  # fp16: codes up to 127 could overflow
                 return F.linear(x, self._expand(w, x.dtype), bias)
             y = F.linear(x, cast_codes(w, x.dtype))
             s = self._scale(x.dtype).to(x.device)

@@ -66,6 +66,15 @@ def test_packed_product_equals_the_dequantised_reference(fmt, kernel, rows):
     assert rel(y, reference(layer, x)) < PACKED_BOUND
 
 
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_the_dense_path_for_many_rows_equals_the_reference_in_every_compute_dtype(fmt, dtype):
+    layer = quant_layer(fmt, dtype=dtype)
+    x = torch.randn(40, 256).to(dtype)  # a prefill: above PACKED_ROWS, so the weight is expanded for one matmul
+    y = layer(x)
+    assert y.dtype == dtype and rel(y, reference(layer, x)) < PACKED_BOUND
+
+
 def test_int4_packed_layer_keeps_fp32_activations_in_fp32():
     layer = quant_layer("int4", dtype=torch.float32)
     x = torch.randn(2, 1, 256)
