@@ -12,7 +12,7 @@ from .config import FAMILIES, FAMILY_V1, FAMILY_V1_1, ModelConfig, VAEConfig
 from .errors import CheckpointError, GenerationCancelled, NextStepError
 from .family import Family, family_of
 from .generation import Conditioning, SampleResult, guidance_branches, sample, tokens_to_latents
-from .keep import TokenInit, keep_from_mask, keep_rows
+from .keep import TokenInit, keep_from_mask, keep_from_noise_mask, keep_rows
 from .images import decode_latents, encode_edit_images, encode_latents
 from .memory import estimate_memory_bytes
 from .loading import find_vae_for_model, load_model, load_vae
@@ -28,6 +28,6 @@ __all__ = [
     "NextStep", "NextStepError", "SAMPLERS", "SampleResult", "SamplerSettings", "TokenInit", "VAEConfig",
     "decode_latents", "default_prompts", "encode_edit_images", "encode_latents", "estimate_memory_bytes",
     "family_defaults", "family_of", "find_vae_for_model", "generate", "guidance_branches", "keep_from_mask",
-    "keep_rows", "load_model", "load_vae", "sample", "tokens_to_latents",
+    "keep_from_noise_mask", "keep_rows", "load_model", "load_vae", "sample", "tokens_to_latents",
 ]
 __version__ = "0.1.0"

@@ -62,9 +62,12 @@ def _generate(args) -> int:
 
     from . import generation as G
     from .images import decode_latents, encode_edit_images
+    from .keep_inputs import check_keep_inputs
     from .loading import find_vae_for_model, load_model, load_vae
     from .settings import default_prompts, family_defaults
 
+    keep = check_keep_inputs(args.init_image, args.init_latents, args.mask, args.keep_rows, args.width, args.height)
+    args.width, args.height = (keep.width, keep.height) if keep else (args.width, args.height)
     model_path = resolve_model(args.model, args.download_dir)
     device = args.device or ("cuda" if torch.cuda.is_available() else
                              "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
@@ -95,7 +98,7 @@ def _generate(args) -> int:
                 raise NextStepError(f"cannot read the edit image {p}: {e}") from None
         cond = encode_edit_images(vae, cond, imgs)
     bar = _Bar()
-    res = G.sample(model, cond, settings, progress=bar,
+    res = G.sample(model, cond, settings, progress=bar, init=keep.token_init(vae, model.config) if keep else None,
                    latent_affine=(vae.config.scaling_factor, vae.config.shift_factor))
     bar.close()
     images = decode_latents(vae, res.latents)
@@ -177,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-token path: auto = CUDA graphs on CUDA, the plain loop elsewhere")
     g.add_argument("-o", "--output", default="nextstep.png")
     g.add_argument("--save-latents", help="write tokens [B,T,64] and latents [B,16,H/8,W/8] to this .npz")
+    g.add_argument("--init-image", help="keep part of this image (its size is the output's; VAE-encoded)")
+    g.add_argument("--init-latents", help="keep part of these latents (an .npz written by --save-latents)")
+    g.add_argument("--mask", help="with an init: white = regenerate, black = keep (an image of the output's size)")
+    g.add_argument("--keep-rows", type=int, help="with an init: keep the top K token rows (16 pixels each)")
     g.set_defaults(func=_generate)
     c = sub.add_parser("convert", help="one .safetensors (bf16/fp16/fp32/fp8/int8) from a model or VAE")
     c.add_argument("src")
