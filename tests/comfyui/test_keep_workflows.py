@@ -67,6 +67,14 @@ def reroll_prompt(server, seeds: tuple[int, int], prefix: str) -> tuple[dict, st
     return prompt, first, second
 
 
+def test_keep_inputs_are_registered_with_tooltips_that_state_raster_order(server):
+    keep_rows = server.object_info("NextStepKeepRows")
+    assert keep_rows["category"] == "NextStep" and "above it and to its left" in keep_rows["description"]
+    assert keep_rows["input"]["required"]["rows"][1]["tooltip"]
+    latent = server.object_info("NextStepSampler")["input"]["optional"]["latent"]
+    assert latent[0] == "LATENT" and "above it and to its left" in latent[1]["tooltip"]
+
+
 def test_reroll_workflow_keeps_the_top_rows_and_rerolls_the_rest(server):
     tag = "modern" if server.modern else "legacy"
     entry = server.run(reroll_prompt(server, (5, 6), f"reroll_{tag}")[0])
