@@ -12,48 +12,8 @@ from .errors import GenerationCancelled, NextStepError
 def _info(args) -> int:
     from .info import describe
 
-    print(describe(args.path))
+    print(describe(args.path, family=args.family))
     return 0
-
-
-def resolve_model(spec: str, download_dir: str | None) -> str:
-    """A local path as is; `tiny` -> a generated random checkpoint; `owner/name` -> a download into a folder."""
-    if spec == "tiny":
-        import tempfile
-
-        from .testing import make_tiny_checkpoint
-
-        path = os.path.join(tempfile.gettempdir(), "nextstep-tiny-checkpoint")
-        if not os.path.isfile(os.path.join(path, "vae", "checkpoint.pt")):
-            make_tiny_checkpoint(path)
-        print(f"using a random tiny checkpoint in {path} (its images are noise, by design)", file=sys.stderr)
-        return path
-    if os.path.exists(spec):
-        return spec
-    if spec.count("/") == 1 and not spec.startswith((".", "/")):
-        return download_repo(spec, download_dir or os.path.join("models", "nextstep", spec.split("/")[1]))
-    raise NextStepError(f"{spec} does not exist (and is not a Hugging Face repo id like stepfun-ai/NextStep-1-Large).")
-
-
-def download_repo(repo_id: str, local_dir: str) -> str:
-    """Fetch a Hugging Face repo into `local_dir` (a folder the user sees, never a hidden cache)."""
-    if os.path.isfile(os.path.join(local_dir, "config.json")):
-        return local_dir
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise NextStepError("downloading needs the huggingface_hub package (pip install huggingface_hub), or "
-                            f"download {repo_id} yourself into {local_dir}.") from None
-    print(f"downloading {repo_id} into {local_dir} ...", file=sys.stderr)
-    try:
-        snapshot_download(repo_id, local_dir=local_dir, allow_patterns=["*.json", "*.safetensors", "*.txt",
-                                                                         "vae/*.pt", "vae/*.json"])
-    except Exception as e:
-        raise NextStepError(f"could not download {repo_id} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-                            f"If this machine is offline, download https://huggingface.co/{repo_id} (config.json, "
-                            f"the *.safetensors shards with their index, the tokenizer files and vae/) into "
-                            f"{local_dir} and pass that folder.") from None
-    return local_dir
 
 
 def _generate(args) -> int:
@@ -61,6 +21,7 @@ def _generate(args) -> int:
     import torch
 
     from . import generation as G
+    from .download import resolve_model
     from .images import decode_latents, encode_edit_images
     from .keep_inputs import check_keep_inputs
     from .loading import find_vae_for_model, load_model, load_vae
@@ -76,7 +37,7 @@ def _generate(args) -> int:
     if vae_path is None:
         raise NextStepError(f"{model_path} has no vae/ folder: pass --vae with the f8ch16 tokenizer folder.")
     t0 = time.perf_counter()
-    model = load_model(model_path, dtype=args.dtype, device=device)
+    model = load_model(model_path, dtype=args.dtype, device=device, family=args.family)
     vae = load_vae(vae_path, dtype="float32" if args.dtype == "float32" else args.dtype, device=device)
     print(f"loaded in {time.perf_counter() - t0:.1f} s ({model.config.family}, {device})", file=sys.stderr)
     edit = bool(args.edit_image)
@@ -142,7 +103,7 @@ def _convert(args) -> int:
     from .convert import convert
 
     t0 = time.perf_counter()
-    out = convert(args.src, args.dst, args.dtype, keep_lm_head=args.keep_lm_head)
+    out = convert(args.src, args.dst, args.dtype, keep_lm_head=args.keep_lm_head, family=args.family)
     print(f"wrote {out} ({os.path.getsize(out) / 2**30:.2f} GiB) in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -152,11 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     i = sub.add_parser("info", help="validate and describe a model or VAE folder/file")
     i.add_argument("path")
+    _family_argument(i)
     i.set_defaults(func=_info)
     g = sub.add_parser("generate", help="text-to-image or editing")
     g.add_argument("--model", required=True, help="model folder, single .safetensors, HF repo id, or 'tiny'")
     g.add_argument("--vae", help="VAE folder/file (default: the model folder's vae/)")
     g.add_argument("--download-dir", help="where a repo id is downloaded (default models/nextstep/<name>)")
+    _family_argument(g)
     g.add_argument("--prompt", action="append", required=True, help="repeatable; edit prompts may hold <image>")
     g.add_argument("--positive", help="appended to every prompt (default: the family's)")
     g.add_argument("--negative", help="negative prompt (default: the family's)")
@@ -190,8 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst")
     c.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "fp8", "int8"])
     c.add_argument("--keep-lm-head", action="store_true", help="keep the text head (not needed for images)")
+    _family_argument(c)
     c.set_defaults(func=_convert)
     return p
+
+
+def _family_argument(parser) -> None:
+    from .identify import AUTO, FAMILY_CHOICES
+
+    parser.add_argument("--family", choices=FAMILY_CHOICES, default=AUTO,
+                        help="model family; auto: our nextstep_family key, else the published name (download record, "
+                             "folder name, _name_or_path), else weak config evidence, else nextstep-1")
 
 
 def main(argv=None) -> int:

@@ -3,6 +3,11 @@
 The AR model's config is a Llama/Qwen2-style dict with NextStep's extra fields (see the reference notes, §2.1
 and §14.7); the VAE's is the f8ch16 tokenizer's own `config.json`. Fields that the published files may lack get
 the defaults of the model they belong to (Qwen2.5-14B for the decoder), which are documented on each field.
+
+The family (NextStep-1 or 1.1) is not a config field of the published files: `identify.resolve_family` decides it,
+in this order, from our own `nextstep_family` key, the published repository name (download record, folder name,
+`_name_or_path`), weak config evidence, else a NextStep-1 default, and `ModelConfig` keeps the answer with its reason
+(`family`, `family_reason`, `family_guessed`). An explicit `family=` wins over all of it.
 """
 from __future__ import annotations
 
@@ -12,10 +17,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import CheckpointError
-
-FAMILY_V1 = "nextstep-1"
-FAMILY_V1_1 = "nextstep-1.1"
-FAMILIES = (FAMILY_V1, FAMILY_V1_1)
+from .family import FAMILIES, FAMILY_V1, FAMILY_V1_1  # noqa: F401  (re-exported: ns.FAMILIES etc.)
+from .identify import AUTO, MODEL, VAE, FamilyChoice, kind_of_config, resolve_family, wrong_kind
 
 
 @dataclass
@@ -48,9 +51,16 @@ class ModelConfig:
     fm_head_mlp_ratio: float = 1.0
     use_gen_pos_embed: bool = False
     base_image_grid_size: int = 32
-    family: str = FAMILY_V1
+    family: str = FAMILY_V1  # decided by identify.resolve_family (see there for the rule)
+    family_reason: str = ""  # why, in words: "from the folder name 'NextStep-1-Large'"
+    family_guessed: bool = False  # weak evidence or a default: tell the user how to set it
     name: str = ""
     extra: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def family_choice(self) -> FamilyChoice:
+        """The family with its reason; `.describe()` adds how to override it when it was a guess."""
+        return FamilyChoice(self.family, self.family_reason or "set on the config", self.family_guessed)
 
     @property
     def token_dim(self) -> int:
@@ -67,62 +77,48 @@ class ModelConfig:
         d.update(extra)
         d["model_type"] = "nextstep"
         d["nextstep_family"] = d.pop("family")
+        reason = d.pop("family_reason")
+        if reason:
+            d["nextstep_family_reason"] = reason
+        d.pop("family_guessed")
         d.pop("name")
         return d
 
 
-# config.json keys that are read into ModelConfig under another name
-_ALIASES = {"nextstep_family": "family"}
 # keys of the HF files that do not change inference (training weights, bookkeeping)
 _IGNORED = {
     "architectures", "auto_map", "model_type", "torch_dtype", "transformers_version", "_attn_implementation_autoset",
     "initializer_range", "max_window_layers", "use_cache", "hidden_act", "lm_loss_weight", "im_loss_weight",
     "fm_head_batch_mul", "attention_dropout", "pretraining_tp", "rope_scaling", "use_sliding_window",
-    "sliding_window", "vae_name_or_path", "_name_or_path",
+    "sliding_window", "vae_name_or_path", "_name_or_path", "attn_implementation", "nextstep_family",
+    "nextstep_family_reason",
 }
+# model_type values of NextStep configs: the HF / NextStep-1 code writes "nextstep", NextStep-1.1's GitHub inference
+# code (a Qwen2Config subclass) "stepx_llama" (reference notes §14.7)
+MODEL_TYPES = (None, "nextstep", "stepx_llama")
 
 
-def detect_family(raw: dict) -> str:
-    """NextStep-1 or NextStep-1.1, from the config alone.
-
-    Our own files say it outright (`nextstep_family`). The published 1.1 configs carry fields the NextStep-1
-    configs do not (`o_attention_bias`, a relative `vae_name_or_path` pointing into the repo's `vae/`); the
-    NextStep-1 configs (Large, Large-Edit, Large-Pretrain) have neither. The family only selects sampler
-    defaults and the 1.1 definitions of the time grid and linear CFG schedule.
-    """
-    fam = raw.get("nextstep_family")
-    if fam is not None:
-        if fam not in FAMILIES:
-            raise CheckpointError(f"config.json: unknown nextstep_family {fam!r}; expected one of {FAMILIES}.")
-        return fam
-    if "o_attention_bias" in raw or str(raw.get("vae_name_or_path", "")).strip("./").startswith("vae"):
-        return FAMILY_V1_1
-    return FAMILY_V1
-
-
-def model_config_from_dict(raw: dict, source: str = "config.json") -> ModelConfig:
+def model_config_from_dict(raw: dict, source: str = "config.json", location: str | None = None,
+                           family: str | None = AUTO) -> ModelConfig:
+    """The typed config; `location` (the model folder or file) and `family` feed the family rule of identify.py."""
     if not isinstance(raw, dict):
         raise CheckpointError(f"{source}: expected a JSON object.")
-    looks_like_vae = "z_channels" in raw or "ch_mult" in raw or "scaling_factor" in raw or "shift_factor" in raw
-    if looks_like_vae and "hidden_size" not in raw:
-        raise CheckpointError(
-            f"{source} describes a VAE (the f8ch16 image tokenizer), not the NextStep AR model. "
-            "Load it with the VAE loader, and pick the model folder (the one with model-*.safetensors) here.")
+    if kind_of_config(raw) == VAE:
+        raise wrong_kind(location or source, MODEL, VAE)
     nextstep_keys = {"boi", "image_placeholder_id", "fm_head_dim", "latent_patch_size"}
-    if raw.get("model_type") not in (None, "nextstep") or not nextstep_keys & raw.keys():
+    if raw.get("model_type") not in MODEL_TYPES or not nextstep_keys & raw.keys():
         kind = raw.get("model_type") or "unknown"
         raise CheckpointError(
             f"{source} is not a NextStep model config (model_type {kind!r}, no NextStep image fields such as "
             "'boi' or 'fm_head_dim'). A plain Qwen2/Llama checkpoint cannot generate images; download a NextStep "
             "model (e.g. stepfun-ai/NextStep-1-Large) and point the loader at its folder.")
-    known = {f.name for f in fields(ModelConfig)} - {"extra", "name", "family"}
+    known = {f.name for f in fields(ModelConfig)} - {"extra", "name", "family", "family_reason", "family_guessed"}
     kwargs: dict[str, Any] = {}
     extra = {}
     for k, v in raw.items():
-        k2 = _ALIASES.get(k, k)
-        if k2 in known:
-            kwargs[k2] = v
-        elif k2 not in _IGNORED and k2 != "family":
+        if k in known:
+            kwargs[k] = v
+        elif k not in _IGNORED:
             extra[k] = v
     if kwargs.get("o_attention_bias") is None:  # HF: None means "same as attention_bias"
         kwargs["o_attention_bias"] = False if "o_attention_bias" not in raw else kwargs.get("attention_bias", True)
@@ -132,7 +128,8 @@ def model_config_from_dict(raw: dict, source: str = "config.json") -> ModelConfi
         raise CheckpointError(f"{source}: rope_scaling {raw['rope_scaling']!r} is not supported (NextStep uses "
                               "default RoPE).")
     cfg = ModelConfig(**kwargs, extra=extra)
-    cfg.family = detect_family(raw)
+    choice = resolve_family(raw, location, family)
+    cfg.family, cfg.family_reason, cfg.family_guessed = choice.family, choice.reason, choice.guessed
     cfg.name = str(raw.get("_name_or_path", "") or "")
     if not cfg.head_dim:
         cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
@@ -168,9 +165,9 @@ def read_json(path: str) -> dict:
         raise CheckpointError(f"{path} is not valid JSON ({e}); re-download it.") from None
 
 
-def load_model_config(folder: str) -> ModelConfig:
+def load_model_config(folder: str, family: str | None = AUTO) -> ModelConfig:
     path = os.path.join(folder, "config.json")
-    return model_config_from_dict(read_json(path), path)
+    return model_config_from_dict(read_json(path), path, folder, family)
 
 
 @dataclass
@@ -209,10 +206,9 @@ _VAE_IGNORED = {"_class_name", "_diffusers_version", "model_type", "architecture
 def vae_config_from_dict(raw: dict, source: str = "config.json") -> VAEConfig:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{source}: expected a JSON object.")
-    if "hidden_size" in raw or "fm_head_dim" in raw:
-        raise CheckpointError(
-            f"{source} describes the NextStep AR model, not its VAE. Pick the VAE: the model folder's vae/ "
-            "subfolder or the NextStep-1-f8ch16-Tokenizer folder (config.json + checkpoint.pt).")
+    kind = kind_of_config(raw)
+    if kind == MODEL:
+        raise wrong_kind(source, VAE, MODEL)
     known = {f.name for f in fields(VAEConfig)}
     kwargs = {}
     unknown = []
@@ -221,7 +217,7 @@ def vae_config_from_dict(raw: dict, source: str = "config.json") -> VAEConfig:
             kwargs[k] = tuple(v) if k == "ch_mult" else v
         elif k not in _VAE_IGNORED:
             unknown.append(k)
-    if not {"z_channels", "ch_mult", "scaling_factor", "shift_factor", "encoder_norm"} & raw.keys():
+    if kind != VAE:
         raise CheckpointError(f"{source} is not a NextStep VAE config (no z_channels/ch_mult/scaling_factor). "
                               "Use the f8ch16 tokenizer's config.json.")
     cfg = VAEConfig(**kwargs)

@@ -13,13 +13,15 @@ converted copy, whatever the model size.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 
 import torch
 
-from .config import read_json
+from .config import model_config_from_dict, read_json
 from .errors import CheckpointError
+from .identify import AUTO, VAE, kind_of_path
 from .loading import (META_CONFIG, META_FORMAT, META_TOKENIZER, META_TOKENIZER_CONFIG, META_VAE_CONFIG,
                       find_vae_for_model, model_source, _vae_files)
 from .prompt import Tokenizer
@@ -72,17 +74,25 @@ def write_streaming(dst: str, items: list, fetch, metadata: dict) -> None:
     os.replace(tmp, dst)
 
 
-def convert(src: str, dst: str, dtype: str = "bf16", keep_lm_head: bool = False) -> str:
-    """Write `dst` (one .safetensors) from `src`; returns dst."""
+def convert(src: str, dst: str, dtype: str = "bf16", keep_lm_head: bool = False, family: str | None = AUTO) -> str:
+    """Write `dst` (one .safetensors) from `src`; returns dst.
+
+    The model's family is resolved here (`family` overrides auto-detection) and written into the file's config with
+    its reason, so the file keeps it whatever it is renamed to.
+    """
     if dtype not in TARGETS:
         raise CheckpointError(f"unknown target dtype {dtype!r}; use one of {', '.join(TARGETS)}.")
     if not dst.endswith(".safetensors"):
         raise CheckpointError(f"{dst}: the output must be a .safetensors file.")
     src = os.path.abspath(os.path.expanduser(src))
-    if os.path.isdir(src) and not os.path.isfile(os.path.join(src, "model.safetensors.index.json")) and \
-            "hidden_size" not in read_json(os.path.join(src, "config.json")):
+    if os.path.isdir(src) and kind_of_path(src) == VAE:
         return _convert_vae(src, dst, dtype)
     source, raw = model_source(src)
+    choice = model_config_from_dict(raw, source.path, source.path, family).family_choice
+    logging.getLogger("nextstep").log(logging.WARNING if choice.guessed else logging.INFO, "%s: family: %s",
+                                      source.path, choice.describe())
+    if "nextstep_family" not in raw or family not in (None, AUTO):  # a converted file keeps its recorded reason
+        raw = dict(raw, nextstep_family=choice.family, nextstep_family_reason=choice.reason)
     readers = {f: TensorReader(f) for f in source.files}
     keys = [k for k in source.shapes if keep_lm_head or not k.startswith("lm_head.")]
     items = [(k, _plan(k, source.shapes[k], dtype)) for k in keys]

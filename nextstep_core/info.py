@@ -6,51 +6,27 @@ import os
 import torch
 
 from .errors import CheckpointError
-from .loading import META_VAE_CONFIG, _vae_files, check_keys, expected_shapes, load_tokenizer, read_model_config
-
-
-def _is_vae(path: str) -> bool:
-    if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, "checkpoint.pt")):
-            return True
-        cfg = os.path.join(path, "config.json")
-        if os.path.isfile(cfg):
-            import json
-
-            with open(cfg, encoding="utf-8") as f:
-                try:
-                    raw = json.load(f)
-                except ValueError:
-                    return False
-            return "z_channels" in raw or "ch_mult" in raw
-        return False
-    if path.endswith(".pt"):
-        return True
-    if path.endswith(".safetensors"):
-        from .loading import _read_header
-
-        meta, shapes, _ = _read_header(path)
-        return meta.get("nextstep_kind") == "vae" or (META_VAE_CONFIG in meta and "nextstep_config" not in meta) \
-            or any(k.startswith("decoder.") for k in shapes)
-    return False
+from .identify import AUTO, OVERRIDE_HINT, VAE, kind_of_path
+from .loading import _vae_files, check_keys, expected_shapes, load_tokenizer, read_model_config
 
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
-def describe(path: str) -> str:
+def describe(path: str, family: str | None = AUTO) -> str:
+    """What `path` is; for a model, the family with the rule that decided it (`family` overrides, as on load)."""
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
         raise CheckpointError(f"{path} does not exist.")
-    return _describe_vae(path) if _is_vae(path) else _describe_model(path)
+    return _describe_vae(path) if kind_of_path(path) == VAE else _describe_model(path, family)
 
 
-def _describe_model(path: str) -> str:
+def _describe_model(path: str, family: str | None) -> str:
     from .model import NextStep
     from .quant import QUANT_SUFFIXES
 
-    cfg, src = read_model_config(path)
+    cfg, src = read_model_config(path, family)
     tok = load_tokenizer(src)
     tok.check_against(cfg, src.path)
     with torch.device("meta"):
@@ -61,7 +37,8 @@ def _describe_model(path: str) -> str:
     size = sum(os.path.getsize(f) for f in src.files)
     lines = [
         f"NextStep model: {path}",
-        f"  family:      {cfg.family}" + (f" ({cfg.name})" if cfg.name else ""),
+        f"  family:      {cfg.family_choice}",
+        *([f"               {OVERRIDE_HINT}"] if cfg.family_guessed else []),
         f"  decoder:     {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads "
         f"/ {cfg.num_key_value_heads} kv heads, MLP {cfg.intermediate_size}, vocab {cfg.vocab_size}",
         f"  head:        {cfg.fm_head_layers} blocks of {cfg.fm_head_dim}; tokens of {cfg.token_dim} "

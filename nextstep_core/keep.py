@@ -34,23 +34,21 @@ def keep_rows(k: int, h: int, w: int) -> torch.Tensor:
 
 
 def keep_from_mask(mask: torch.Tensor, h: int, w: int, threshold: float = 0.0) -> torch.Tensor:
-    """Token keep mask [B, h*w] from a regenerate mask (1 = regenerate) at pixel or latent resolution.
+    """Token keep mask [B, h*w] from a regenerate mask (1 = regenerate) at pixel, latent or any resolution.
 
-    `mask` is [H, W], [B, H, W] or [B, 1, H, W], values 0..1, any resolution (resized to the image's pixel grid
-    first, bilinearly, as ComfyUI's KSampler does). A token is regenerated when the mean of its 16x16 block is above
-    `threshold` — with the default 0, when any pixel of the block is masked.
+    `mask` is [H, W], [B, H, W] or [B, 1, H, W] with values 0..1. Each token takes the mean of the mask over its
+    16x16-pixel area (2x2 at latent resolution; proportional windows at other resolutions) and is regenerated when
+    that mean is above `threshold` — with the default 0, when any pixel of its block is masked.
     """
     m = mask.float()
     if m.ndim == 2:
         m = m[None]
-    if m.ndim == 4:
+    if m.ndim == 4 and m.shape[1] == 1:
         m = m[:, 0]
     if m.ndim != 3:
         raise NextStepError(f"a mask must be [H, W] or [B, H, W], got shape {list(mask.shape)}.")
-    if tuple(m.shape[-2:]) != (h * 16, w * 16):
-        m = F.interpolate(m[:, None], size=(h * 16, w * 16), mode="bilinear", align_corners=False)[:, 0]
-    block_mean = F.avg_pool2d(m[:, None], 16)[:, 0]  # [B, h, w]
-    return (block_mean <= threshold).flatten(1)
+    masked = F.adaptive_avg_pool2d(m[:, None], (h, w))[:, 0]  # [B, h, w]: the masked share of each token
+    return (masked <= threshold).flatten(1)
 
 
 def keep_from_noise_mask(noise_mask: torch.Tensor, n_img: int, h: int, w: int, patch: int = 2) -> torch.Tensor:

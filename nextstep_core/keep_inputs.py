@@ -15,8 +15,7 @@ import torch
 
 from .errors import NextStepError
 from .keep import TokenInit, keep_from_mask, keep_rows
-
-TOKEN_SIDE = 16  # pixels per image token side: VAE (8) x latent patch (2)
+from .settings import TOKEN_PIXELS
 
 
 @dataclass
@@ -73,7 +72,7 @@ def check_keep_inputs(init_image: str | None = None, init_latents: str | None = 
         size = (lat.shape[-1] * 8, lat.shape[-2] * 8)
     what = "--init-image" if init_image is not None else "--init-latents"
     _check_size(size, width, height, what)
-    h, w = size[1] // TOKEN_SIDE, size[0] // TOKEN_SIDE
+    h, w = size[1] // TOKEN_PIXELS, size[0] // TOKEN_PIXELS
     if rows is not None:
         keep = keep_rows(rows, h, w)[None]
     else:
@@ -87,9 +86,10 @@ def check_keep_inputs(init_image: str | None = None, init_latents: str | None = 
 
 def _check_size(size: tuple[int, int], width: int | None, height: int | None, what: str) -> None:
     w, h = size
-    if w % TOKEN_SIDE or h % TOKEN_SIDE or not w or not h:
-        raise NextStepError(f"{what} is {w}x{h}; its sides must be multiples of {TOKEN_SIDE} (one image token each). "
-                            f"Crop or resize it, e.g. to {max(TOKEN_SIDE, w // 16 * 16)}x{max(TOKEN_SIDE, h // 16 * 16)}.")
+    if w % TOKEN_PIXELS or h % TOKEN_PIXELS or not w or not h:
+        fit = [max(TOKEN_PIXELS, side // TOKEN_PIXELS * TOKEN_PIXELS) for side in (w, h)]
+        raise NextStepError(f"{what} is {w}x{h}; its sides must be multiples of {TOKEN_PIXELS} (one image token "
+                            f"each). Crop or resize it, e.g. to {fit[0]}x{fit[1]}.")
     if (width is not None and width != w) or (height is not None and height != h):
         raise NextStepError(f"{what} is {w}x{h} but --width/--height ask for {width}x{height}: the init decides "
                             f"the image size, so leave them out or give {w}x{h}.")

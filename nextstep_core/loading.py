@@ -23,6 +23,7 @@ from torch import nn
 
 from .config import ModelConfig, model_config_from_dict, read_json, vae_config_from_dict
 from .errors import CheckpointError, NextStepError
+from .identify import AUTO, MODEL, VAE, kind_of_config, kind_of_safetensors, wrong_kind
 
 log = logging.getLogger("nextstep")
 
@@ -104,7 +105,9 @@ def model_source(path: str) -> tuple[Source, dict]:
     path = os.path.abspath(os.path.expanduser(path))
     if os.path.isdir(path):
         raw = read_json(os.path.join(path, "config.json"))
-        model_config_from_dict(raw, os.path.join(path, "config.json"))  # the wrong kind of folder fails here, first
+        if kind_of_config(raw) == VAE:  # the wrong kind of folder fails here, first
+            raise wrong_kind(path, MODEL, VAE)
+        model_config_from_dict(raw, os.path.join(path, "config.json"), path)
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(index):
             weight_map = read_json(index).get("weight_map")
@@ -125,10 +128,9 @@ def model_source(path: str) -> tuple[Source, dict]:
         return src, raw
     if os.path.isfile(path) and path.endswith((".safetensors", ".sft")):
         src = scan_safetensors([path], path, "file")
+        if kind_of_safetensors(src.metadata, src.shapes) == VAE:
+            raise wrong_kind(path, MODEL, VAE)
         if META_CONFIG not in src.metadata:
-            if src.metadata.get("nextstep_kind") == "vae" or any(k.startswith(("encoder.", "decoder.")) for k in src.shapes):
-                raise CheckpointError(f"{path} is a VAE (image tokenizer), not the NextStep model. Load it with the "
-                                      "VAE loader.")
             raise CheckpointError(f"{path} carries no NextStep config in its metadata. Single-file models must be "
                                   "written by `python -m nextstep_core convert`; or load the original model folder.")
         return src, json.loads(src.metadata[META_CONFIG])
@@ -240,6 +242,8 @@ def _vae_files(path: str):
         if not os.path.isfile(cfg_path):
             raise CheckpointError(f"{path}: no config.json. A NextStep VAE folder holds config.json + checkpoint.pt.")
         raw = read_json(cfg_path)
+        if kind_of_config(raw) == MODEL:
+            raise wrong_kind(path, VAE, MODEL)
         cfg = vae_config_from_dict(raw, cfg_path)
         pt = os.path.join(path, "checkpoint.pt")
         sts = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
@@ -252,8 +256,8 @@ def _vae_files(path: str):
         return _vae_files(os.path.dirname(path))
     if os.path.isfile(path) and path.endswith((".safetensors", ".sft")):
         src = scan_safetensors([path], path, "file")
-        if src.metadata.get("nextstep_kind") == "model" or META_CONFIG in src.metadata:
-            raise CheckpointError(f"{path} is the NextStep AR model, not its VAE. Load it with the model loader.")
+        if kind_of_safetensors(src.metadata, src.shapes) == MODEL:
+            raise wrong_kind(path, VAE, MODEL)
         if META_VAE_CONFIG in src.metadata:
             return vae_config_from_dict(json.loads(src.metadata[META_VAE_CONFIG]), path), None, src
         beside = os.path.join(os.path.dirname(path), "config.json")
@@ -277,9 +281,11 @@ def _torch_load(path: str) -> dict:
     return state
 
 
-def read_model_config(path: str) -> tuple[ModelConfig, Source]:
+def read_model_config(path: str, family: str | None = AUTO) -> tuple[ModelConfig, Source]:
+    """The config (family resolved as identify.py describes; `family` overrides) and what the path holds."""
     src, raw = model_source(path)
-    cfg = model_config_from_dict(raw, os.path.join(src.path, "config.json") if src.kind == "folder" else src.path)
+    cfg = model_config_from_dict(raw, os.path.join(src.path, "config.json") if src.kind == "folder" else src.path,
+                                 src.path, family)
     # The weights decide which projections carry a bias: a config that omits o_attention_bias must not guess.
     if "layers.0.self_attn.o_proj.bias" in src.shapes:
         cfg.o_attention_bias = True
@@ -300,8 +306,11 @@ def load_tokenizer(src: Source):
 
 
 def load_model(path: str, dtype="bfloat16", device=None, operations=None, attn_backend: str = "sdpa",
-               load_lm_head: bool = False, quantize: str | None = None):
+               load_lm_head: bool = False, quantize: str | None = None, family: str | None = AUTO):
     """Load a NextStep AR model (decoder, projectors, flow-matching head) and its tokenizer.
+
+    `family`: "auto" decides NextStep-1 or 1.1 by the rule in identify.py and logs the decision with its reason
+    (logger "nextstep"; a warning with how to override when it was a guess); "nextstep-1" / "nextstep-1.1" set it.
 
     `operations` supplies the layer classes (Linear, Embedding, LayerNorm; default torch.nn). The LM head is
     skipped unless `load_lm_head`, since image generation never reads it. Weights stored in fp8/int8 by
@@ -311,9 +320,11 @@ def load_model(path: str, dtype="bfloat16", device=None, operations=None, attn_b
     from .model import NextStep
     from .quant import QUANT_SUFFIXES, quantized_operations
 
-    cfg, src = read_model_config(path)
+    cfg, src = read_model_config(path, family)
     dtype, device = parse_dtype(dtype), torch.device(device or "cpu")
     check_dtype_supported(dtype, device)
+    log.log(logging.WARNING if cfg.family_guessed else logging.INFO, "%s: family: %s", src.path,
+            cfg.family_choice.describe())
     if attn_backend not in ("sdpa", "flash"):
         raise NextStepError(f"unknown attention backend {attn_backend!r}; use 'sdpa' or 'flash'.")
     if attn_backend == "flash":

@@ -1,6 +1,7 @@
 """Random-weight NextStep checkpoints in exactly the official layout, for tests, demos and benchmarks.
 
     make_tiny_checkpoint(dst, size="tiny")   # or "small", "medium"; returns dst
+    write_official_config(dst)               # its config.json as StepFun's own code writes it (no family key)
 
 writes `config.json`, two or more `model-0000N-of-0000M.safetensors` shards with `model.safetensors.index.json`,
 a byte-level Qwen2-style tokenizer (`tokenizer.json`, `tokenizer_config.json`, `vocab.json`, `merges.txt`) whose
@@ -19,7 +20,8 @@ import os
 
 import torch
 
-from .config import FAMILY_V1, ModelConfig, VAEConfig
+from .config import ModelConfig, VAEConfig
+from .family import FAMILY_V1
 
 SIZES = {
     # hidden, layers, heads, kv heads, intermediate, head dim, head layers
@@ -188,6 +190,33 @@ def write_vae(dst: str, cfg: VAEConfig | None = None, seed: int = 0, size: str =
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(cfg.to_json_dict(), f, indent=1)
     torch.save(random_vae_state(cfg, seed), os.path.join(dst, "checkpoint.pt"))
+    return dst
+
+
+# what LlamaConfig.to_dict adds around NextStepConfig's own fields (transformers 4.49)
+_LLAMA_BOOKKEEPING = {"architectures": ["NextStep"], "model_type": "nextstep", "attention_dropout": 0.0,
+                      "hidden_act": "silu", "initializer_range": 0.02, "pretraining_tp": 1, "rope_scaling": None,
+                      "use_cache": True, "torch_dtype": "float32", "transformers_version": "4.49.0",
+                      "lm_loss_weight": 0.01, "im_loss_weight": 1.0, "fm_head_batch_mul": 4}
+
+
+def write_official_config(dst: str, name_or_path: str = "", vae_name_or_path: str = "vae/", **extra) -> str:
+    """Rewrite `dst/config.json` the way StepFun's own `NextStepConfig` saves it (reference notes §14.7, §15).
+
+    The NextStep-1 GitHub class (@6e49bae) and the NextStep-1.1 one write the same kind of file: no
+    `nextstep_family` (that key is ours), `o_attention_bias` always, `vae_name_or_path` as the author passed it
+    ("vae/" for a VAE saved beside the model), `_name_or_path` as given (often empty). `extra` adds keys, e.g. the
+    1.1-era training code's. The weights are untouched; returns `dst`.
+    """
+    path = os.path.join(dst, "config.json")
+    with open(path, encoding="utf-8") as f:
+        raw = json.load(f)
+    for ours in ("nextstep_family", "nextstep_family_reason"):
+        raw.pop(ours, None)
+    raw.update(_LLAMA_BOOKKEEPING, _name_or_path=name_or_path, vae_name_or_path=vae_name_or_path,
+               o_attention_bias=bool(raw.get("o_attention_bias", False)), **extra)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(dict(sorted(raw.items())), f, indent=2)
     return dst
 
 

@@ -2,7 +2,7 @@
 from . import conditioning, keep, latents, loaders, sampler
 
 NODE_CLASS_MAPPINGS = {}
-NODE_DISPLAY_NAME_MAPPINGS = {}
 for _module in (loaders, conditioning, sampler, latents, keep):
     NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
-    NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
+# every node class names itself once, in TITLE; user_errors(...) reads the same attribute
+NODE_DISPLAY_NAME_MAPPINGS = {key: cls.TITLE for key, cls in NODE_CLASS_MAPPINGS.items()}

@@ -6,14 +6,13 @@ import contextlib
 import torch
 
 from .. import nextstep_core as ns
+from ..nextstep_core.settings import MAX_SIDE, TOKEN_PIXELS  # the engine's limits: one image token is 16x16 px
 from . import comfy_glue as glue
 
 CATEGORY = "NextStep"
 MODEL = "NEXTSTEP_MODEL"
 VAE = "NEXTSTEP_VAE"
 CONDITIONING = "NEXTSTEP_CONDITIONING"
-SIZE_STEP = 16  # VAE downsampling (8) x latent patch (2): one image token covers 16x16 pixels
-MAX_SIZE = 4096
 
 
 class NextStepNodeError(RuntimeError):
@@ -23,6 +22,8 @@ class NextStepNodeError(RuntimeError):
 @contextlib.contextmanager
 def user_errors(node: str):
     """Turns the engine's user-facing errors into short node errors; the server stays up and says what to fix.
+
+    `node` is the node's display name, its class's TITLE.
 
     Programming errors are left alone so that their traceback still reaches the log.
     """
@@ -37,9 +38,9 @@ def user_errors(node: str):
 def check_size(name: str, value) -> str | None:
     if value is None:  # linked from another node: checked when it runs
         return None
-    if not isinstance(value, int) or value < SIZE_STEP or value > MAX_SIZE or value % SIZE_STEP:
-        return (f"{name} must be a multiple of {SIZE_STEP} between {SIZE_STEP} and {MAX_SIZE} "
-                f"(one NextStep image token covers {SIZE_STEP}x{SIZE_STEP} pixels), got {value}")
+    if not isinstance(value, int) or value < TOKEN_PIXELS or value > MAX_SIDE or value % TOKEN_PIXELS:
+        return (f"{name} must be a multiple of {TOKEN_PIXELS} between {TOKEN_PIXELS} and {MAX_SIDE} "
+                f"(one NextStep image token covers {TOKEN_PIXELS}x{TOKEN_PIXELS} pixels), got {value}")
     return None
 
 

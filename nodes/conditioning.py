@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from .. import nextstep_core as ns
 from . import comfy_glue as glue
-from .common import CATEGORY, CONDITIONING, SIZE_STEP, VAE, image_to_engine, user_errors
+from .common import CATEGORY, CONDITIONING, TOKEN_PIXELS, VAE, image_to_engine, user_errors
 
 
 class NextStepTextEncode:
+    TITLE = "NextStep Text Encode"
     DESCRIPTION = ("The prompt for the NextStep sampler. NextStep reads text with its own language model, so no "
                    "CLIP is involved; tokenizing happens in the sampler with the model's tokenizer.")
     CATEGORY = CATEGORY
@@ -28,12 +29,13 @@ class NextStepTextEncode:
         }}
 
     def encode(self, prompt, positive_prompt, negative_prompt):
-        with user_errors("NextStep Text Encode"):
+        with user_errors(self.TITLE):
             return (ns.Conditioning(prompts=[prompt], positive_prompt=positive_prompt,
                                     negative_prompt=negative_prompt),)
 
 
 class NextStepEditEncode:
+    TITLE = "NextStep Edit Encode"
     DESCRIPTION = ("Adds the image to edit to a NextStep conditioning, for the NextStep-1-Large-Edit model. The "
                    "image is encoded with the NextStep VAE; its size should match the sampler's width and height.")
     CATEGORY = CATEGORY
@@ -47,16 +49,14 @@ class NextStepEditEncode:
         return {"required": {
             "conditioning": (CONDITIONING, {"tooltip": "The edit instruction from NextStep Text Encode."}),
             "vae": (VAE, {"tooltip": "The NextStep VAE (f8ch16 tokenizer) that encodes the input image."}),
-            "image": ("IMAGE", {"tooltip": f"The image to edit; width and height must be multiples of {SIZE_STEP}. "
+            "image": ("IMAGE", {"tooltip": f"The image to edit; width and height must be multiples of {TOKEN_PIXELS}. "
                                            "One image, or one per prompt."}),
         }}
 
     def encode(self, conditioning, vae, image):
-        with user_errors("NextStep Edit Encode"):
+        with user_errors(self.TITLE):
             glue.load_to_device(vae)
             return (ns.encode_edit_images(vae.module, conditioning, image_to_engine(image)),)
 
 
 NODE_CLASS_MAPPINGS = {"NextStepTextEncode": NextStepTextEncode, "NextStepEditEncode": NextStepEditEncode}
-NODE_DISPLAY_NAME_MAPPINGS = {"NextStepTextEncode": "NextStep Text Encode",
-                              "NextStepEditEncode": "NextStep Edit Encode"}

@@ -1,4 +1,5 @@
-"""Where NextStep files live: the `nextstep` model folder, model/VAE discovery, and the optional download.
+"""Where NextStep files live: the `nextstep` model folder, model/VAE discovery, and the optional download
+(through the engine's download module, the same one the command line uses).
 
 `models/nextstep/` is registered with add_model_folder_path (which appends), so paths a user gives for `nextstep`
 in extra_model_paths.yaml are kept and searched too. Official checkpoints are folders (config.json, safetensors
@@ -6,10 +7,12 @@ shards, tokenizer, vae/), which ComfyUI's file lists cannot show, so the folders
 """
 from __future__ import annotations
 
-import json
 import os
 
 import folder_paths
+
+from ..nextstep_core.download import download_repo
+from ..nextstep_core.identify import kind_of_path
 
 FOLDER = "nextstep"
 folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
@@ -27,7 +30,6 @@ KNOWN_VAES = {
     "NextStep-1-Large-Edit/vae": ("stepfun-ai/NextStep-1-Large-Edit", "vae"),
     "NextStep-1-f8ch16-Tokenizer": ("stepfun-ai/NextStep-1-f8ch16-Tokenizer", None),
 }
-_VAE_KEYS = {"z_channels", "ch_mult", "scaling_factor", "shift_factor", "encoder_norm"}
 _MAX_DEPTH = 3  # nextstep/<org>/<model>/vae is the deepest layout worth finding
 
 
@@ -35,20 +37,6 @@ def _single_file_folders() -> list[str]:
     """ComfyUI's folder for single-file diffusion models: `diffusion_models`, called `unet` before mid-2024."""
     names = [n for n in ("diffusion_models", "unet") if n in folder_paths.folder_names_and_paths]
     return names[:1]
-
-
-def _kind(folder: str) -> str | None:
-    """'model', 'vae' or None, from the keys of the folder's config.json (cheap: no weights are read)."""
-    try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(raw, dict):
-        return None
-    if "hidden_size" in raw:
-        return "model"
-    return "vae" if _VAE_KEYS & raw.keys() else None
 
 
 def _walk(kind: str) -> dict[str, str]:
@@ -61,7 +49,7 @@ def _walk(kind: str) -> dict[str, str]:
             rel = os.path.relpath(root, base)
             depth = 0 if rel == "." else rel.count(os.sep) + 1
             dirs[:] = [d for d in sorted(dirs) if not d.startswith(".")] if depth < _MAX_DEPTH else []
-            if depth and _kind(root) == kind:
+            if depth and kind_of_path(root) == kind:
                 found.setdefault(rel.replace(os.sep, "/"), root)
     return found
 
@@ -100,8 +88,8 @@ def resolve(name: str, kind: str, download: bool) -> str:
         where = os.path.join(dest, sub) if sub else dest
         raise FileNotFoundError(f"{name} is not downloaded. Get {url} into {where} (with its config.json), "
                                 "or set 'download' to true on this node.")
-    download_repo(repo, dest, sub)
-    if _kind(os.path.join(dest, sub) if sub else dest) != kind:
+    download_repo(repo, dest, sub)  # raises NextStepError saying where to put the files by hand
+    if kind_of_path(os.path.join(dest, sub) if sub else dest) != kind:
         raise FileNotFoundError(f"Downloaded {url} into {dest}, but it has no {kind} config.json there.")
     return os.path.join(dest, sub) if sub else dest
 
@@ -113,24 +101,3 @@ def _resolve_file(name: str, kind: str) -> str | None:
         if path:
             return path
     return None
-
-
-def download_repo(repo: str, dest: str, subfolder: str | None) -> None:
-    """Fetches a Hugging Face repo into the models folder itself (never a hidden cache), resuming partial files."""
-    url = f"https://huggingface.co/{repo}"
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise ConnectionError(f"Cannot download {url}: HF_HUB_OFFLINE is set. Download it yourself into {dest}.")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise ConnectionError(f"Cannot download {url}: huggingface_hub is not installed. "
-                              f"Download it yourself into {dest}.") from None
-    # only what loading reads: configs, weights, tokenizer, the VAE (the repos also carry Python files and assets,
-    # which this pack never runs and does not need)
-    patterns = [f"{subfolder}/*"] if subfolder else ["*.json", "*.safetensors", "*.txt", "vae/*.json", "vae/*.pt",
-                                                       "vae/*.safetensors"]
-    try:
-        snapshot_download(repo_id=repo, local_dir=dest, allow_patterns=patterns)
-    except Exception as e:  # network, auth and disk errors all end the same way for the user
-        raise ConnectionError(f"Could not download {url} ({type(e).__name__}: {str(e)[:200]}). If this machine "
-                              f"is offline, download it elsewhere and copy it into {dest}.") from None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .. import nextstep_core as ns
 from . import comfy_glue as glue
-from .common import CATEGORY, SIZE_STEP, VAE, NextStepNodeError, image_from_engine, image_to_engine, user_errors
+from .common import CATEGORY, TOKEN_PIXELS, VAE, NextStepNodeError, image_from_engine, image_to_engine, user_errors
 
 
 def _check_latent(latent, vae, node: str):
@@ -19,6 +19,7 @@ def _check_latent(latent, vae, node: str):
 
 
 class NextStepVAEDecode:
+    TITLE = "NextStep VAE Decode"
     DESCRIPTION = "Decodes NextStep latents into images with the NextStep f8ch16 VAE."
     CATEGORY = CATEGORY
     FUNCTION = "decode"
@@ -34,13 +35,14 @@ class NextStepVAEDecode:
         }}
 
     def decode(self, latent, vae):
-        with user_errors("NextStep VAE Decode"):
-            samples = _check_latent(latent, vae, "NextStep VAE Decode")
+        with user_errors(self.TITLE):
+            samples = _check_latent(latent, vae, self.TITLE)
             glue.load_to_device(vae)
             return (image_from_engine(ns.decode_latents(vae.module, samples)),)
 
 
 class NextStepVAEEncode:
+    TITLE = "NextStep VAE Encode"
     DESCRIPTION = "Encodes images into NextStep latents with the NextStep f8ch16 VAE."
     CATEGORY = CATEGORY
     FUNCTION = "encode"
@@ -56,12 +58,12 @@ class NextStepVAEEncode:
         }}
 
     def encode(self, image, vae):
-        with user_errors("NextStep VAE Encode"):
+        with user_errors(self.TITLE):
             pixels = image_to_engine(image)
-            down = SIZE_STEP // 2  # the VAE alone downsamples by 8
+            down = TOKEN_PIXELS // 2  # the VAE alone downsamples by 8
             h, w = pixels.shape[-2:]
             if h % down or w % down:
-                raise NextStepNodeError(f"NextStep VAE Encode: the image is {w}x{h}; width and height must be "
+                raise NextStepNodeError(f"{self.TITLE}: the image is {w}x{h}; width and height must be "
                                         f"multiples of {down}.")
             glue.load_to_device(vae)
             latents = ns.encode_latents(vae.module, pixels)
@@ -69,4 +71,3 @@ class NextStepVAEEncode:
 
 
 NODE_CLASS_MAPPINGS = {"NextStepVAEDecode": NextStepVAEDecode, "NextStepVAEEncode": NextStepVAEEncode}
-NODE_DISPLAY_NAME_MAPPINGS = {"NextStepVAEDecode": "NextStep VAE Decode", "NextStepVAEEncode": "NextStep VAE Encode"}

@@ -14,11 +14,17 @@ WEIGHT_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "f
                  "fp8": None, "int8": None}
 QUANTISED = ("fp8", "int8")  # weights stored quantised, computed in bf16 (or fp32 where bf16 is unavailable)
 ATTENTION = {"sdpa": "sdpa", "flash-attn": "flash"}  # combo value -> engine backend name
+FAMILIES = ["auto", *ns.FAMILIES]
+_FAMILY_TIP = ("NextStep-1 or NextStep-1.1: picks the sampler, time grid and guidance schedule the model was made for. "
+               "auto: the family recorded in the file, else the published name (NextStep-1.1..., NextStep-1-Large...) "
+               "of the folder or of the repo it was downloaded from, else nextstep-1 with a warning in the log. Set it "
+               "when the folder was renamed and the log says the family was a guess.")
 _DOWNLOAD_TIP = ("When the selected checkpoint is one of the published ones and is not on disk yet, download it "
                  "from Hugging Face into models/nextstep/<name> (tens of GB for a model). Off: say where to put it.")
 
 
 class NextStepModelLoader:
+    TITLE = "NextStep Model Loader"
     DESCRIPTION = ("Loads a NextStep-1 / 1.1 model: a folder with config.json under models/nextstep (the official "
                    "Hugging Face layout), or a single .safetensors file in models/diffusion_models.")
     CATEGORY = CATEGORY
@@ -39,6 +45,8 @@ class NextStepModelLoader:
             "attention": (list(ATTENTION), {"default": "sdpa", "tooltip": "Attention kernel. sdpa is PyTorch's "
                           "built-in; flash-attn needs the flash_attn package and a CUDA GPU."}),
             "download": ("BOOLEAN", {"default": False, "tooltip": _DOWNLOAD_TIP}),
+        }, "optional": {  # optional, so that workflows saved before it existed still run (as auto)
+            "family": (FAMILIES, {"default": "auto", "tooltip": _FAMILY_TIP}),
         }}
 
     @classmethod
@@ -49,17 +57,18 @@ class NextStepModelLoader:
             return f"attention must be one of {list(ATTENTION)}, got {attention!r}"
         return True
 
-    def load(self, model_name, weight_dtype, attention, download):
-        with user_errors("NextStep Model Loader"):
+    def load(self, model_name, weight_dtype, attention, download, family="auto"):
+        with user_errors(self.TITLE):
             path = files.resolve(model_name, "model", download)
             dtype = WEIGHT_DTYPES[weight_dtype] or glue.default_weight_dtype(glue.mm.get_torch_device())
             model = ns.load_model(path, dtype=dtype, device=glue.mm.unet_offload_device(),
                                   operations=glue.operations_for(dtype, dtype), attn_backend=ATTENTION[attention],
-                                  quantize=weight_dtype if weight_dtype in QUANTISED else None)
+                                  quantize=weight_dtype if weight_dtype in QUANTISED else None, family=family)
             return (glue.Managed(model, glue.make_patcher(model), path),)
 
 
 class NextStepVAELoader:
+    TITLE = "NextStep VAE Loader"
     DESCRIPTION = ("Loads NextStep's f8ch16 image tokenizer (the VAE): a model's vae/ folder, the "
                    "NextStep-1-f8ch16-Tokenizer folder, or a file in models/vae.")
     CATEGORY = CATEGORY
@@ -77,7 +86,7 @@ class NextStepVAELoader:
         }}
 
     def load(self, vae_name, download):
-        with user_errors("NextStep VAE Loader"):
+        with user_errors(self.TITLE):
             path = files.resolve(vae_name, "vae", download)
             # fp32: the VAE is small (~330 MB) and its decoder is sensitive to reduced precision.
             vae = ns.load_vae(path, dtype=torch.float32, device=glue.mm.unet_offload_device(),
@@ -86,5 +95,3 @@ class NextStepVAELoader:
 
 
 NODE_CLASS_MAPPINGS = {"NextStepModelLoader": NextStepModelLoader, "NextStepVAELoader": NextStepVAELoader}
-NODE_DISPLAY_NAME_MAPPINGS = {"NextStepModelLoader": "NextStep Model Loader",
-                              "NextStepVAELoader": "NextStep VAE Loader"}

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from .. import nextstep_core as ns
 from . import comfy_glue as glue
-from .common import CATEGORY, CONDITIONING, MAX_SIZE, MODEL, SIZE_STEP, check_size, user_errors
+from .common import CATEGORY, CONDITIONING, MAX_SIDE, MODEL, TOKEN_PIXELS, check_size, user_errors
 from .keep import LATENT_TOOLTIP, sampler_init
 
 
 class NextStepSampler:
+    TITLE = "NextStep Sampler"
     DESCRIPTION = ("Generates images token by token (16x16 pixels each, in rows) with a NextStep model and returns "
                    "their latents in the VAE's own space; decode them with NextStep VAE Decode.")
     CATEGORY = CATEGORY
@@ -23,10 +24,10 @@ class NextStepSampler:
             "conditioning": (CONDITIONING, {"tooltip": "From NextStep Text Encode, or NextStep Edit Encode to edit."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
                              "tooltip": "Seed of the head's noise; the same seed and settings give the same image."}),
-            "width": ("INT", {"default": 512, "min": SIZE_STEP, "max": MAX_SIZE, "step": SIZE_STEP,
-                              "tooltip": f"Image width in pixels, a multiple of {SIZE_STEP}."}),
-            "height": ("INT", {"default": 512, "min": SIZE_STEP, "max": MAX_SIZE, "step": SIZE_STEP,
-                               "tooltip": f"Image height in pixels, a multiple of {SIZE_STEP}."}),
+            "width": ("INT", {"default": 512, "min": TOKEN_PIXELS, "max": MAX_SIDE, "step": TOKEN_PIXELS,
+                              "tooltip": f"Image width in pixels, a multiple of {TOKEN_PIXELS}."}),
+            "height": ("INT", {"default": 512, "min": TOKEN_PIXELS, "max": MAX_SIDE, "step": TOKEN_PIXELS,
+                               "tooltip": f"Image height in pixels, a multiple of {TOKEN_PIXELS}."}),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
                                    "tooltip": "Images per prompt, generated together (memory grows with it)."}),
             "cfg": ("FLOAT", {"default": 7.5, "min": 1.0, "max": 30.0, "step": 0.1, "round": 0.01,
@@ -65,19 +66,20 @@ class NextStepSampler:
 
     def sample(self, model, conditioning, seed, width, height, batch_size, cfg, cfg_img, cfg_schedule,
                timesteps_shift, steps, sampler, use_norm, steps_end=0, latent=None):
-        with user_errors("NextStep Sampler"):
+        with user_errors(self.TITLE):
             settings = ns.SamplerSettings(width=width, height=height, images_per_prompt=batch_size, cfg=cfg,
                                           cfg_img=cfg_img, cfg_schedule=cfg_schedule,
                                           timesteps_shift=timesteps_shift, steps=steps, steps_end=steps_end or None,
                                           sampler=None if sampler == "auto" else sampler, use_norm=use_norm,
                                           seed=seed).validate(model.config)
-            init = sampler_init(latent, model.module, len(conditioning.prompts) * batch_size, width, height)
+            n_img = len(conditioning.prompts) * batch_size
+            init = sampler_init(latent, model.module, n_img, width, height, self.TITLE)
             rows = ns.guidance_branches(conditioning, cfg, cfg_img) * len(conditioning.prompts) * batch_size
             need = ns.estimate_memory_bytes(model.module, width, height, rows)  # weights + KV cache + activations
             glue.load_to_device(model, need - glue.mm.module_size(model.module))
             # Previews stay in the model's token space (unit scale, like the normalised latents the RGB factors
             # expect); only the returned LATENT is converted to the VAE's raw space.
-            progress = glue.TokenProgress((width // SIZE_STEP) * (height // SIZE_STEP),
+            progress = glue.TokenProgress((width // TOKEN_PIXELS) * (height // TOKEN_PIXELS),
                                           lambda tokens: ns.tokens_to_latents(tokens, width, height, model.config))
             result = ns.sample(model.module, conditioning, settings, progress=progress,
                                should_cancel=glue.should_cancel, init=init)
@@ -85,4 +87,3 @@ class NextStepSampler:
 
 
 NODE_CLASS_MAPPINGS = {"NextStepSampler": NextStepSampler}
-NODE_DISPLAY_NAME_MAPPINGS = {"NextStepSampler": "NextStep Sampler"}

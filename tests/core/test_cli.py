@@ -75,4 +75,5 @@ def test_offline_repo_id_gives_download_advice(tmp_path):
                         "--prompt", "x", "--download-dir", str(tmp_path / "dl")], capture_output=True, text=True,
                        cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert r.returncode == 2
-    assert "could not download stepfun-ai/NextStep-1-Large" in r.stderr and str(tmp_path / "dl") in r.stderr
+    assert "Cannot download https://huggingface.co/stepfun-ai/NextStep-1-Large" in r.stderr
+    assert str(tmp_path / "dl") in r.stderr

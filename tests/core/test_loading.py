@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nextstep_core import load_model
+from nextstep_core import load_model, load_vae
 from nextstep_core.errors import CheckpointError, NextStepError
 from nextstep_core.loading import check_dtype_supported, parse_dtype
 
@@ -115,8 +115,18 @@ def test_unexpected_keys_are_reported(tiny_dir, tmp_path, caplog):
 
 
 def test_vae_in_the_model_slot(tiny_dir):
-    with pytest.raises(CheckpointError, match="describes a VAE"):
+    with pytest.raises(CheckpointError, match=r"/vae is a VAE \(the f8ch16 tokenizer\), not the model"):
         load_model(tiny_dir + "/vae")
+
+
+def test_model_in_the_vae_slot(tiny_dir, tmp_path):
+    from nextstep_core.convert import convert
+
+    with pytest.raises(CheckpointError, match="is the NextStep AR model, not its VAE"):
+        load_vae(tiny_dir)
+    f = convert(tiny_dir, str(tmp_path / "model.safetensors"), "fp32")
+    with pytest.raises(CheckpointError, match="is the NextStep AR model, not its VAE"):
+        load_vae(f)
 
 
 def test_vae_file_in_the_model_slot(tiny_dir, tmp_path):
@@ -186,5 +196,5 @@ def test_a_flux_style_vae_file_in_the_model_slot(tiny_dir, tmp_path):
     state = torch.load(os.path.join(tiny_dir, "vae", "checkpoint.pt"), weights_only=True)
     f = tmp_path / "ae.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(f))
-    with pytest.raises(CheckpointError, match="is a VAE .*Load it with the VAE loader"):
+    with pytest.raises(CheckpointError, match="is a VAE .*load it as the VAE"):
         load_model(str(f))
