@@ -8,26 +8,42 @@
 
 This package never imports ComfyUI; the node pack next to it is a thin face over these functions.
 """
-from .config import FAMILIES, FAMILY_V1, FAMILY_V1_1, ModelConfig, VAEConfig
 from .errors import CheckpointError, GenerationCancelled, NextStepError
-from .family import Family, family_of
-from .generation import Conditioning, SampleResult, guidance_branches, sample, tokens_to_latents
-from .keep import TokenInit, keep_from_mask, keep_from_noise_mask, keep_rows
-from .images import decode_latents, encode_edit_images, encode_latents
-from .memory import estimate_memory_bytes
-from .loading import find_vae_for_model, load_model, load_vae
-from .model import NextStep
-from .pipeline import GenerationResult, generate
-from .settings import (CFG_SCHEDULES, FAST_MODES, MAX_SIDE, NOISE_MODES, SAMPLERS, SamplerSettings, default_prompts,
-                       family_defaults)
-from .vae import AutoEncoder
 
-__all__ = [
-    "AutoEncoder", "CFG_SCHEDULES", "CheckpointError", "Conditioning", "FAMILIES", "FAMILY_V1", "FAMILY_V1_1",
-    "FAST_MODES", "Family", "GenerationCancelled", "GenerationResult", "MAX_SIDE", "ModelConfig", "NOISE_MODES",
-    "NextStep", "NextStepError", "SAMPLERS", "SampleResult", "SamplerSettings", "TokenInit", "VAEConfig",
-    "decode_latents", "default_prompts", "encode_edit_images", "encode_latents", "estimate_memory_bytes",
-    "family_defaults", "family_of", "find_vae_for_model", "generate", "guidance_branches", "keep_from_mask",
-    "keep_from_noise_mask", "keep_rows", "load_model", "load_vae", "sample", "tokens_to_latents",
-]
+# Everything else is imported on first use (PEP 562), so that `python -m nextstep_core` reaches its own Ctrl-C
+# handler before torch is imported, and `--help` needs no torch. One row per module: the names it gives.
+_LAZY = {
+    "config": ("FAMILIES", "FAMILY_V1", "FAMILY_V1_1", "ModelConfig", "VAEConfig"),
+    "family": ("Family", "family_of"),
+    "generation": ("Conditioning", "SampleResult", "guidance_branches", "sample", "tokens_to_latents"),
+    "keep": ("TokenInit", "keep_from_mask", "keep_from_noise_mask", "keep_rows"),
+    "images": ("decode_latents", "encode_edit_images", "encode_latents", "read_image"),
+    "memory": ("estimate_memory_bytes",),
+    "loading": ("find_vae_for_model", "load_model", "load_vae"),
+    "model": ("NextStep",),
+    "pipeline": ("GenerationResult", "generate"),
+    "settings": ("CFG_SCHEDULES", "FAST_MODES", "MAX_SIDE", "NOISE_MODES", "SAMPLERS", "SamplerSettings",
+                 "default_prompts", "family_defaults"),
+    "devices": ("resolve_device",),
+    "vae": ("AutoEncoder",),
+}
+_WHERE = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE))
+
+
+__all__ = sorted(["CheckpointError", "GenerationCancelled", "NextStepError", *_WHERE])
 __version__ = "0.1.0"

@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 from .errors import GenerationCancelled, NextStepError
 
@@ -16,71 +17,128 @@ def _info(args) -> int:
     return 0
 
 
-def _generate(args) -> int:
-    import numpy as np
-    import torch
+TINY_DEMO = dict(width=128, height=128, steps=8)  # a first run in seconds on a laptop CPU; the pictures are noise
+SETTING_ARGS = ("width", "height", "images_per_prompt", "cfg", "cfg_img", "cfg_schedule", "timesteps_shift", "steps",
+                "steps_end", "sampler", "use_norm", "seed", "noise", "fast")
 
-    from . import generation as G
+
+@dataclass
+class _Job:
+    """A generation whose every input has been checked; nothing heavy has been read yet."""
+    model_path: str
+    vae_path: str
+    family: str  # as read from the model's config before loading; settings and default prompts follow it
+    settings: object  # SamplerSettings, validated against the model's config
+    pixels: list  # edit images [3,H,W] in 0..1, one per prompt (empty: text-to-image)
+    device: object
+    dtype: object
+    outputs: list  # (image path, PIL format) per image
+    latents_out: str | None
+    keep: object = None  # KeepInputs (keep_inputs.py): an init canvas and what of it to keep, or None
+
+
+def _check(args) -> _Job:
+    """Every input the user gave, checked in well under a second: no weight is read here."""
+    from .devices import resolve_device
     from .download import resolve_model
-    from .images import decode_latents, encode_edit_images
+    from .family import FAMILY_V1
+    from .images import prepare_edit_images
     from .keep_inputs import check_keep_inputs
-    from .loading import find_vae_for_model, load_model, load_vae
-    from .settings import default_prompts, family_defaults
+    from .loading import check_dtype_supported, find_vae_for_model, parse_dtype, read_model_config
+    from .outputs import image_outputs, latents_output
 
     keep = check_keep_inputs(args.init_image, args.init_latents, args.mask, args.keep_rows, args.width, args.height)
-    args.width, args.height = (keep.width, keep.height) if keep else (args.width, args.height)
+    args.width, args.height = (keep.width, keep.height) if keep else (args.width, args.height)  # the init's size
+    edit = bool(args.edit_image)
+    given = {k: getattr(args, k) for k in SETTING_ARGS if getattr(args, k) is not None}
+    if args.model == "tiny":
+        given = {**TINY_DEMO, **given}
+    settings = _settings(FAMILY_V1, edit, given)  # a value the user gave that no family accepts fails here
+    check_prompts(args.prompt, args.positive, args.negative, edit)
+    pixels = prepare_edit_images(args.edit_image, len(args.prompt)) if edit else []
+    device = resolve_device(args.device)
+    dtype = parse_dtype(args.dtype)
+    check_dtype_supported(dtype, device)
+    outputs = image_outputs(args.output, len(args.prompt) * settings.images_per_prompt)
+    latents_out = latents_output(args.save_latents) if args.save_latents else None
+
     model_path = resolve_model(args.model, args.download_dir)
-    device = args.device or ("cuda" if torch.cuda.is_available() else
-                             "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
-                             else "cpu")
-    vae_path = args.vae or find_vae_for_model(model_path)
+    model_config, _ = read_model_config(model_path, family=args.family)  # config.json and file headers only
+    settings = _settings(model_config.family, edit, given).validate(model_config)
+    vae_path = os.path.expanduser(args.vae) if args.vae else find_vae_for_model(model_path)
     if vae_path is None:
         raise NextStepError(f"{model_path} has no vae/ folder: pass --vae with the f8ch16 tokenizer folder.")
-    t0 = time.perf_counter()
-    model = load_model(model_path, dtype=args.dtype, device=device, family=args.family)
-    vae = load_vae(vae_path, dtype="float32" if args.dtype == "float32" else args.dtype, device=device)
-    print(f"loaded in {time.perf_counter() - t0:.1f} s ({model.config.family}, {device})", file=sys.stderr)
-    edit = bool(args.edit_image)
-    given = {k: getattr(args, k) for k in ("width", "height", "images_per_prompt", "cfg", "cfg_img", "cfg_schedule",
-                                            "timesteps_shift", "steps", "steps_end", "sampler", "use_norm", "seed",
-                                            "noise", "fast") if getattr(args, k) is not None}
-    settings = family_defaults(model.config.family, edit).replace(**given).validate(model.config)
-    positive, negative = default_prompts(model.config.family, edit)
-    positive = args.positive if args.positive is not None else positive
-    cond = G.Conditioning(args.prompt, positive, args.negative if args.negative is not None else negative)
-    if edit:
-        from PIL import Image
+    if not os.path.exists(vae_path):
+        raise NextStepError(f"the VAE {vae_path} does not exist.")
+    if args.model == "tiny":
+        print(f"tiny demo: {settings.width}x{settings.height}, {settings.steps} head steps (give --width, --height, "
+              "--steps to change)", file=sys.stderr)
+        if device.type == "cpu":
+            import torch
 
-        imgs = []
-        for p in args.edit_image:
-            try:
-                imgs.append(Image.open(p).convert("RGB"))
-            except (OSError, ValueError) as e:
-                raise NextStepError(f"cannot read the edit image {p}: {e}") from None
-        cond = encode_edit_images(vae, cond, imgs)
+            torch.set_num_threads(1)  # its matrices are too small to share: threads only wait on each other
+    return _Job(model_path, vae_path, model_config.family, settings, pixels, device, dtype, outputs,
+                latents_out, keep)
+
+
+def _settings(family, edit: bool, given: dict):
+    from .settings import family_defaults
+
+    return family_defaults(family, edit).replace(**given).validate()
+
+
+def check_prompts(prompts: list, positive: str | None, negative: str | None, edit: bool) -> None:
+    """Text the tokenizer can take: valid UTF-8 (argv bytes that are not arrive as lone surrogates), markers right."""
+    from .prompt import IMAGE_MARKER, check_text
+
+    named = [(f"prompt {i + 1}", p) for i, p in enumerate(prompts)]
+    named += [(n, p) for n, p in (("--positive", positive), ("--negative", negative)) if p is not None]
+    for name, text in named:
+        check_text(name, text)
+    for name, text in named[:len(prompts)]:
+        n = text.count(IMAGE_MARKER)
+        if n > (1 if edit else 0):
+            raise NextStepError(f"{name} holds {n} {IMAGE_MARKER} marker(s); " + (
+                "an edit prompt takes at most one (it is added in front when missing)." if edit else
+                "that marks an input image: pass one with --edit-image, or remove the marker."))
+
+
+def _generate(args) -> int:
+    import numpy as np
+
+    from . import generation as G
+    from .images import decode_latents, encode_edit_images
+    from .loading import load_model, load_vae
+    from .outputs import write_atomic
+    from .pipeline import GenerationResult
+    from .settings import default_prompts
+
+    job = _check(args)
+    t0 = time.perf_counter()
+    vae = load_vae(job.vae_path, dtype=job.dtype, device=job.device)  # the small file first: fails before the wait
+    model = load_model(job.model_path, dtype=job.dtype, device=job.device, family=args.family)
+    print(f"loaded in {time.perf_counter() - t0:.1f} s ({job.family}, {job.device})", file=sys.stderr)
+    positive, negative = default_prompts(job.family, bool(job.pixels))
+    cond = G.Conditioning(args.prompt, _given(args.positive, positive), _given(args.negative, negative))
+    if job.pixels:
+        cond = encode_edit_images(vae, cond, job.pixels)
     bar = _Bar()
-    res = G.sample(model, cond, settings, progress=bar, init=keep.token_init(vae, model.config) if keep else None,
+    init = job.keep.token_init(vae, model.config) if job.keep else None
+    res = G.sample(model, cond, job.settings, progress=bar, init=init,
                    latent_affine=(vae.config.scaling_factor, vae.config.shift_factor))
     bar.close()
-    images = decode_latents(vae, res.latents)
-    from .pipeline import GenerationResult
-
-    pils = GenerationResult(res.tokens, res.latents, images).pil()
-    outs = _numbered(args.output, len(pils))
-    for im, path in zip(pils, outs):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        im.save(path)
-        print(path)
-    if args.save_latents:
-        np.savez(args.save_latents, tokens=res.tokens.numpy(), latents=res.latents.numpy())
+    pils = GenerationResult(res.tokens, res.latents, decode_latents(vae, res.latents)).pil()
+    for im, (path, fmt) in zip(pils, job.outputs):
+        write_atomic(path, lambda f, im=im, fmt=fmt: im.save(f, format=fmt))
+        print(f"wrote {path}")
+    if job.latents_out:
+        write_atomic(job.latents_out, lambda f: np.savez(f, tokens=res.tokens.numpy(), latents=res.latents.numpy()))
+        print(f"wrote {job.latents_out}")
     return 0
 
 
-def _numbered(path: str, n: int) -> list[str]:
-    if n == 1:
-        return [path]
-    stem, ext = os.path.splitext(path)
-    return [f"{stem}_{i:03d}{ext or '.png'}" for i in range(n)]
+def _given(value, default):
+    return default if value is None else value
 
 
 class _Bar:
@@ -109,6 +167,9 @@ def _convert(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .loading import DTYPES
+    from .settings import CFG_SCHEDULES, FAST_MODES, NOISE_MODES, SAMPLERS, SamplerSettings
+
     p = argparse.ArgumentParser(prog="python -m nextstep_core", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     i = sub.add_parser("info", help="validate and describe a model or VAE folder/file")
@@ -124,24 +185,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--positive", help="appended to every prompt (default: the family's)")
     g.add_argument("--negative", help="negative prompt (default: the family's)")
     g.add_argument("--edit-image", action="append", help="repeatable, one per prompt")
-    g.add_argument("--width", type=int, default=512)
-    g.add_argument("--height", type=int, default=512)
-    g.add_argument("--images-per-prompt", type=int, default=1)
-    g.add_argument("--cfg", type=float)
-    g.add_argument("--cfg-img", type=float)
-    g.add_argument("--cfg-schedule", choices=["constant", "linear"])
-    g.add_argument("--timesteps-shift", type=float)
-    g.add_argument("--steps", type=int)
+    d = SamplerSettings()
+    g.add_argument("--width", type=int, help=f"pixels, a multiple of 16 (default {d.width}; tiny: 128)")
+    g.add_argument("--height", type=int, help=f"pixels, a multiple of 16 (default {d.height}; tiny: 128)")
+    g.add_argument("--images-per-prompt", type=int, help=f"default {d.images_per_prompt}")
+    g.add_argument("--cfg", type=float, help="text guidance, above 0; 1 = off (default: the family's)")
+    g.add_argument("--cfg-img", type=float, help="image guidance when editing, above 0 (default: the family's)")
+    g.add_argument("--cfg-schedule", choices=CFG_SCHEDULES)
+    g.add_argument("--timesteps-shift", type=float, help="above 0 (default: the family's)")
+    g.add_argument("--steps", type=int, help="head steps per token (default: the family's; tiny: 8)")
     g.add_argument("--steps-end", type=int, help="step annealing: head steps fall linearly to this (off by default)")
-    g.add_argument("--sampler", choices=["euler_maruyama", "euler", "flow_sde", "flow_cps"])
+    g.add_argument("--sampler", choices=SAMPLERS, help="default: the family's reference sampler")
     g.add_argument("--use-norm", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--noise", choices=["independent", "reference"], default="independent")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
-    g.add_argument("--device")
-    g.add_argument("--fast", choices=["auto", "graph", "static", "eager"], default="auto",
-                   help="per-token path: auto = CUDA graphs on CUDA, the plain loop elsewhere")
-    g.add_argument("-o", "--output", default="nextstep.png")
+    g.add_argument("--seed", type=int, help=f"0 to 2**64-1 (default {d.seed})")
+    g.add_argument("--noise", choices=NOISE_MODES, help=f"default {d.noise}")
+    g.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    g.add_argument("--device", help="auto (default: cuda, else mps, else cpu), cpu, cuda, cuda:N, mps")
+    g.add_argument("--fast", choices=FAST_MODES,
+                   help="per-token path: auto (default) = CUDA graphs on CUDA, the plain loop elsewhere")
+    g.add_argument("-o", "--output", default="nextstep.png",
+                   help="image file (.png, .jpg, .webp, ...; several images: numbered files)")
     g.add_argument("--save-latents", help="write tokens [B,T,64] and latents [B,16,H/8,W/8] to this .npz")
     g.add_argument("--init-image", help="keep part of this image (its size is the output's; VAE-encoded)")
     g.add_argument("--init-latents", help="keep part of these latents (an .npz written by --save-latents)")
@@ -167,8 +230,10 @@ def _family_argument(parser) -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    # torch is first imported in here (the parser's choices come from the engine), so that Ctrl-C while it loads
+    # ends with one line too
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except NextStepError as e:
         print(f"error: {e}", file=sys.stderr)

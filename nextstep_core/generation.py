@@ -21,7 +21,7 @@ from .keep import TokenInit
 from .memory import check_fits
 from .noise import NoiseSource
 from .plan import GenerationPlan
-from .prompt import IMAGE_MARKER, build_rows, grid_size, patchify, tokenize_rows, unpatchify
+from .prompt import IMAGE_MARKER, build_rows, check_text, grid_size, patchify, tokenize_rows, unpatchify
 from .sampling import Guidance, sample_token
 from .settings import SamplerSettings
 
@@ -60,9 +60,10 @@ def _validate(model, cond: Conditioning, settings: SamplerSettings) -> SamplerSe
     settings = settings.with_family(cfg.family).validate(cfg)
     if not cond.prompts:
         raise NextStepError("no prompt given: pass at least one prompt.")
+    check_text("the positive prompt", cond.positive_prompt)
+    check_text("the negative prompt", cond.negative_prompt)
     for i, p in enumerate(cond.prompts):
-        if not isinstance(p, str):
-            raise NextStepError(f"prompt {i} is a {type(p).__name__}, not text.")
+        check_text(f"prompt {i}", p)
         n = p.count(IMAGE_MARKER)
         if cond.is_edit and n != 1:
             raise NextStepError(f"prompt {i} must contain exactly one {IMAGE_MARKER} marker for its input image "

@@ -63,7 +63,7 @@ def check_keep_inputs(init_image: str | None = None, init_latents: str | None = 
         raise NextStepError("with an init, say what to keep: --mask PATH (white = regenerate) or --keep-rows K "
                             "(not both).")
     if init_image is not None:
-        pixels = _read_image(init_image, "RGB", "--init-image")
+        pixels = _read_image(init_image, "--init-image")
         found = dict(pixels=pixels[None])
         size = (pixels.shape[-1], pixels.shape[-2])
     else:
@@ -76,7 +76,7 @@ def check_keep_inputs(init_image: str | None = None, init_latents: str | None = 
     if rows is not None:
         keep = keep_rows(rows, h, w)[None]
     else:
-        regen = _read_image(mask, "L", "--mask")
+        regen = _read_image(mask, "--mask").mean(0, keepdim=True)  # grey
         if tuple(regen.shape[-2:]) != (size[1], size[0]):
             raise NextStepError(f"the mask {mask} is {regen.shape[-1]}x{regen.shape[-2]}; it must be the output's "
                                 f"size, {size[0]}x{size[1]} (white = regenerate, black = keep).")
@@ -95,20 +95,14 @@ def _check_size(size: tuple[int, int], width: int | None, height: int | None, wh
                             f"the image size, so leave them out or give {w}x{h}.")
 
 
-def _read_image(path: str, mode: str, what: str) -> torch.Tensor:
-    """[C, H, W] in 0..1."""
-    import numpy as np
-    from PIL import Image
+def _read_image(path: str, what: str) -> torch.Tensor:
+    """[3, H, W] in 0..1, through the engine's one image reader."""
+    from .images import read_image
 
-    if not os.path.isfile(path):
-        raise NextStepError(f"{what} {path} does not exist.")
     try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert(mode), dtype=np.float32) / 255.0
-    except (OSError, ValueError) as e:
-        raise NextStepError(f"cannot read {what} {path}: {e}") from None
-    t = torch.from_numpy(arr)
-    return t[None] if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
+        return read_image(path)
+    except NextStepError as e:
+        raise NextStepError(f"{what}: {e}") from None
 
 
 def _read_npz(path: str) -> dict:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -271,6 +273,13 @@ def _vae_files(path: str):
 def _torch_load(path: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:  # PyTorch's own text suggests weights_only=False: running the file's code
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f" (it names {found.group(1)})" if found else ""
+        raise CheckpointError(f"{path} holds Python objects besides tensors{what}, which are never loaded here "
+                              "because unpickling them can run code. Download the file again from the official "
+                              "repository; for a checkpoint of your own, save only its state_dict of tensors, or "
+                              "save it as .safetensors.") from None
     except Exception as e:
         raise CheckpointError(f"{path} cannot be read ({str(e).splitlines()[0]}); it is truncated, corrupt or not a "
                               "weights-only checkpoint. Download it again.") from None

@@ -24,6 +24,18 @@ IMAGE_AREA = "<|image_area|>"
 BOI, EOI, PLACEHOLDER = "<|begin_of_image|>", "<|end_of_image|>", "<|image_placeholder|>"
 
 
+def check_text(name: str, text) -> None:
+    """Text the tokenizer can take: a str of valid UTF-8 (argv bytes that are not arrive as lone surrogates)."""
+    if not isinstance(text, str):
+        raise NextStepError(f"{name} is a {type(text).__name__}, not text.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start].encode("utf-8", "surrogateescape")
+        raise NextStepError(f"{name} is not valid UTF-8 text (byte 0x{bad.hex()} at character {e.start + 1}): "
+                            "set your terminal to UTF-8, or pass the text in UTF-8.") from None
+
+
 def _token_str(v):
     if isinstance(v, dict):
         return v.get("content")

@@ -171,3 +171,21 @@ def test_a_wrong_kind_of_value_is_rejected_before_running(comfy):
         comfy.queue(prompt)
     assert err.value.status == 400
     assert "return_type_mismatch" in str(err.value.body), err.value.body
+
+
+def test_bad_values_are_one_node_error_and_the_next_prompt_runs(comfy):
+    """What the command line refuses (a NaN guidance, an edit image of the wrong size) is one clear node error here."""
+    nan_cfg = t2i_prompt(comfy, prefix="nan_cfg", cfg=float("nan"))  # NaN passes ComfyUI's own min/max check
+    err = run_error(comfy, nan_cfg)
+    assert err["node_type"] == "NextStepSampler" and "cfg must be a finite number" in err["exception_message"]
+    assert "Traceback" not in err["exception_message"]
+
+    Image.new("RGB", (40, 40), (9, 9, 9)).save(comfy.input_dir / "example.png")
+    edit = wf.to_api(wf.load("nextstep_edit.json"), comfy.object_info())
+    wf.set_inputs(edit, "ImageScale", width=40, height=40)
+    wf.set_inputs(edit, "NextStepSampler", width=32, height=32, steps=2)
+    err = run_error(comfy, edit)
+    assert err["node_type"] == "NextStepEditEncode" and "multiples of 16" in err["exception_message"]
+
+    images = assert_success(comfy, comfy.run(t2i_prompt(comfy, prefix="after_errors")))
+    assert images[0].std() > 0

@@ -117,12 +117,16 @@ def test_bad_prompts_and_images(tiny_model, tiny_vae):
         sample(tiny_model, Conditioning([]), SamplerSettings(**FAST))
     with pytest.raises(NextStepError, match="contains <image> but no input image"):
         sample(tiny_model, Conditioning(["<image>edit"]), SamplerSettings(**FAST))
+    with pytest.raises(NextStepError, match="prompt 0 is not valid UTF-8 text \\(byte 0xe9"):
+        sample(tiny_model, Conditioning(["caf\udce9"]), SamplerSettings(**FAST))
+    with pytest.raises(NextStepError, match="negative prompt is a int, not text"):
+        sample(tiny_model, Conditioning(["a"], negative_prompt=3), SamplerSettings(**FAST))
     with pytest.raises(NextStepError, match="2 input image\\(s\\) for 1 prompt"):
         ns.encode_edit_images(tiny_vae, Conditioning(["a"]), [torch.rand(3, 16, 16)] * 2)
     with pytest.raises(NextStepError, match="input image 0 is 20x16.*multiples of 16"):
         ns.encode_edit_images(tiny_vae, Conditioning(["a"]), [torch.rand(3, 16, 20)])
-    with pytest.raises(NextStepError, match="cannot use str"):
-        ns.encode_edit_images(tiny_vae, Conditioning(["a"]), ["photo.png"])
+    with pytest.raises(NextStepError, match="cannot read the image photo.png: there is no such file"):
+        ns.encode_edit_images(tiny_vae, Conditioning(["a"]), ["photo.png"])  # a path is read by images.read_image
     cond = ns.encode_edit_images(tiny_vae, Conditioning(["<image> <image> twice"]), [torch.rand(3, 16, 16)])
     with pytest.raises(NextStepError, match="exactly one <image>"):
         sample(tiny_model, cond, SamplerSettings(**FAST))

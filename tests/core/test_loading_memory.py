@@ -9,8 +9,9 @@ import pytest
 PROBE = textwrap.dedent("""
     import json, sys, psutil
     import nextstep_core as ns
+    load_model = ns.load_model  # the package imports torch lazily: import it before the baseline
     before = psutil.Process().memory_info().rss
-    m = ns.load_model(sys.argv[1], dtype="bfloat16")
+    m = load_model(sys.argv[1], dtype="bfloat16")
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent process across exec
     peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
     weights = sum(t.numel() * t.element_size() for t in m.state_dict().values())
