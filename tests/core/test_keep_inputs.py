@@ -103,12 +103,14 @@ def test_bad_keep_inputs_say_what_to_fix(tmp_path, kwargs, message):
 # ---- end to end -------------------------------------------------------------------------------------------------
 
 def _generate(tiny_dir, out, *extra):
-    return cli("generate", "--model", tiny_dir, "--prompt", "a cat", "--width", "48", "--height", "32", "--steps",
-               "2", "--dtype", "float32", "--sampler", "euler", "-o", str(out), *extra)
+    """No --width/--height unless given: with an init, its size is the output's."""
+    return cli("generate", "--model", tiny_dir, "--prompt", "a cat", "--steps", "2", "--dtype", "float32",
+               "--sampler", "euler", "-o", str(out), *extra)
 
 
 def test_cli_reroll_from_saved_latents_reproduces_then_varies(tiny_dir, tmp_path):
-    _generate(tiny_dir, tmp_path / "a.png", "--seed", "5", "--save-latents", str(tmp_path / "a.npz"))
+    _generate(tiny_dir, tmp_path / "a.png", "--seed", "5", "--width", "48", "--height", "32", "--save-latents",
+              str(tmp_path / "a.npz"))
     _generate(tiny_dir, tmp_path / "same.png", "--seed", "5", "--init-latents", str(tmp_path / "a.npz"),
               "--keep-rows", "1", "--save-latents", str(tmp_path / "same.npz"))
     _generate(tiny_dir, tmp_path / "b.png", "--seed", "6", "--init-latents", str(tmp_path / "a.npz"),
