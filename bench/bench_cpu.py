@@ -12,7 +12,8 @@ subprocess per variant (ru_maxrss would carry the parent's peak across exec).
 Sections
   head      plain per-step head loop vs hoisted AdaLN modulations (whole generation, and sample_token alone)
   fast      fast="eager" vs fast="static" (fixed shapes, no graph: what a CUDA graph would replay)
-  quant     bf16 vs fp8 vs int8 weights: tokens/s, weight bytes, peak RSS, error vs bf16 on the same noise
+  quant     bf16 vs fp8 vs int8 vs int4 weights: tokens/s, (decoder) weight bytes, peak RSS, error vs bf16 on the
+            same noise (head velocity, tokens, decoded image PSNR), which kernel each quantised layer runs
   batch     1 vs 4 images per prompt in one pass
   anneal    50 head steps vs step annealing 50 -> 5
   convert   peak RSS of `python -m nextstep_core convert SRC DST --dtype bf16` vs the bf16 weight bytes
@@ -221,6 +222,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=None, help="rounds per comparison (default 3; 1 with --quick)")
     p.add_argument("--head-reps", type=int, default=None, help="rounds of the head-alone timing (default 7)")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of sections: {','.join(SECTIONS)}")
+    p.add_argument("--quant-formats", default="bf16,fp8,int8,int4", help="weights the quant section compares "
+                   "(bf16 first: the reference)")
     a = p.parse_args(argv)
     a.size = a.size or ("small" if a.quick else "medium")
     a.width = a.width or (32 if a.quick else 128)
@@ -277,9 +280,11 @@ def main(argv=None) -> int:
         if isinstance(o, dict) and "static_over_eager_speed" in o:
             summary_rows.append([f"static / eager speed ({size})", o["static_over_eager_speed"]])
     if "bf16" in r.get("quant", {}):
-        for k in ("fp8", "int8"):
+        for k in [f for f in ("fp8", "int8", "int4") if f in r["quant"]]:
             q = r["quant"][k]
-            summary_rows += [[f"{k} / bf16 speed", q["speed_vs_bf16"]], [f"{k} / bf16 weight bytes", q["weights_vs_bf16"]],
+            summary_rows += [[f"{k} / bf16 speed", q["speed_vs_bf16"]],
+                             [f"{k} / bf16 weight bytes", q["weights_vs_bf16"]],
+                             [f"{k} / bf16 decoder weight bytes", q["decoder_weights_vs_bf16"]],
                              [f"{k} / bf16 peak RSS", q["vmhwm_vs_bf16"]],
                              [f"{k} / bf16 peak RSS minus interpreter", q["vmhwm_minus_interp_vs_bf16"]]]
     if "throughput_gain" in r.get("batch", {}):

@@ -13,8 +13,10 @@ noise "independent", seed 42:
     bf16 graph, 1 image       up to all 1024 tokens (time-capped; extrapolated if capped)
     graph == eager            the first tokens of both runs, same noise
     bf16 graph, 4 images      images_per_prompt=4 in one pass
-    fp8 graph, 1 image        decoder + head linears quantised in place (quant.quantize_weight, QuantLinear layout)
-    kernels                   one 5120x13824 linear at 2 rows: bf16 vs fp8-dequant vs torch._scaled_mm (if present)
+    int4 graph, 1 image       decoder linears quantised in place to int4 and packed for the device (quant.prepare)
+    fp8 graph, 1 image        decoder + head linears quantised in place to fp8 (weight-only by default)
+    kernels                   one 5120x13824 linear at 2 rows: bf16, fp8 dequantised by hand, and the engine's
+                              int8 / int4 / fp8 layers (fp8 also with NEXTSTEP_FP8_MATMUL=1), each with its kernel
 
 Per phase: seconds per image (time to first token + 1024 x the steady per-token time), tokens/s, the number of tokens
 actually timed, and peak VRAM (torch.cuda.max_memory_allocated; VmHWM on CPU). Everything goes to
@@ -33,7 +35,7 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import dump_json, env_info, proc_status, rel_err, table  # noqa: E402
+from common import dump_json, env_info, proc_status, rel_err, table, weight_bytes  # noqa: E402
 
 T_START = time.perf_counter()
 QWEN_VOCAB = 152064
@@ -96,29 +98,33 @@ def build_model(size: str, dev, dtype, tok_dir: str):
     return model.eval().requires_grad_(False)
 
 
-def quantize_fp8_(model) -> int:
-    """Quantise, in place, every linear weight `quant.should_quantize` selects; returns how many."""
+def quantize_(model, fmt: str, originals: dict) -> int:
+    """Quantise, in place, every linear weight a `fmt` file would quantise, from `originals` (name -> bf16 weight,
+    filled on the first call, so a later format starts from the bf16 weights again); then pack for the device."""
     import torch
     from torch import nn
 
-    from nextstep_core.quant import quantize_weight, should_quantize
+    from nextstep_core.quant import prepare_quantized, quantized_tensors, should_quantize
 
     n = 0
     for name, mod in model.named_modules():
-        if hasattr(mod, "weight_scale") and should_quantize(name + ".weight"):
-            q, s = quantize_weight(mod.weight.data, "fp8")
-            mod.weight = nn.Parameter(q, requires_grad=False)
-            mod.weight_scale = s
-            n += 1
-    model.quant = "fp8"
+        key = name + ".weight"
+        if not (hasattr(mod, "weight_scale") and should_quantize(key, "int8")):
+            continue
+        w = originals.setdefault(key, mod.weight.data)
+        parts = quantized_tensors(key, w, fmt)
+        mod.weight = nn.Parameter(w, requires_grad=False)  # back to bf16 first (a layer int4 leaves alone)
+        mod.weight_scale = mod.weight_zero = mod.scales_and_zeros = None
+        mod.kernel, mod.compute_dtype = "dense", None
+        for k, t in parts or ():
+            attr = k.rsplit(".", 1)[-1]
+            setattr(mod, attr, nn.Parameter(t, requires_grad=False) if attr == "weight" else t)
+        n += bool(parts)
+    prepare_quantized(model, torch.bfloat16)
+    model.quant = fmt
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return n
-
-
-def weight_bytes(model) -> int:
-    ts = list(model.parameters()) + [b for b in model.buffers() if b is not None]
-    return sum(t.numel() * t.element_size() for t in ts)
 
 
 def peak_mem(dev):
@@ -185,8 +191,24 @@ def timed_sample(model, dev, fast: str, n_img: int, max_tokens: int, cap_s: floa
             "peak_mem_bytes": peak_mem(dev), "_tokens": st["tokens"]}
 
 
+def quant_layer(w, fmt: str, dtype):
+    """A QuantLinear holding `w` quantised as `fmt`, prepared (kernel chosen, packed) for w's device."""
+    import torch
+    from torch import nn
+
+    from nextstep_core.quant import make_quant_linear, quantized_tensors
+
+    layer = make_quant_linear(nn.Linear)(w.shape[1], w.shape[0], bias=False, device="meta")
+    for k, t in quantized_tensors("layers.0.mlp.up_proj.weight", w, fmt):
+        attr = k.rsplit(".", 1)[-1]
+        setattr(layer, attr, nn.Parameter(t, requires_grad=False) if attr == "weight" else t)
+    layer.prepare(dtype)
+    return layer.requires_grad_(False)
+
+
 def kernel_bench(dev, dtype, reps: int = 50):
-    """One decoder-sized linear (5120 -> 13824) at 2 rows: bf16, the engine's fp8 dequant path, _scaled_mm."""
+    """One decoder-sized linear (5120 -> 13824) at 2 rows: bf16, fp8 dequantised by hand, and the engine's int8,
+    int4 and fp8 layers (fp8 weight-only and with NEXTSTEP_FP8_MATMUL=1's activation quantisation + _scaled_mm)."""
     import torch
     import torch.nn.functional as F
 
@@ -211,18 +233,19 @@ def kernel_bench(dev, dtype, reps: int = 50):
     out["fp8_dequant_linear_us"] = 1e6 * t(lambda: F.linear(x, dequantize_weight(q, s, dtype)))
     out["bytes_bf16"] = w.numel() * 2
     out["bf16_GBps"] = out["bytes_bf16"] / out["bf16_linear_us"] / 1e3
-    if dev.type == "cuda" and hasattr(torch, "_scaled_mm"):
-        try:
-            xp = torch.zeros(16, 5120, device=dev, dtype=dtype)  # _scaled_mm wants dims that are multiples of 16
-            xp[:2] = x
-            amax = xp.abs().amax().float().clamp(min=1e-12)
-            sa = (amax / 448.0).reshape(())
-            xq = (xp.float() / sa).to(torch.float8_e4m3fn)
-            wq_t = q.t()  # [in, out], column-major as _scaled_mm wants for its second operand
-            sb = s.amax().float().reshape(())  # one scale (the per-channel scales would need rowwise support)
-            out["scaled_mm_us"] = 1e6 * t(lambda: torch._scaled_mm(xq, wq_t, scale_a=sa, scale_b=sb, out_dtype=dtype))
-        except Exception as e:  # noqa: BLE001
-            out["scaled_mm_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    # the engine's quantised layers, as `prepare` picks their kernels on this device
+    for fmt in ("int8", "int4", "fp8"):
+        for native in ((False, True) if fmt == "fp8" else (False,)):
+            name = f"{fmt}_layer" + ("_scaled_mm" if native else "")
+            try:
+                os.environ["NEXTSTEP_FP8_MATMUL"] = "1" if native else "0"
+                layer = quant_layer(w, fmt, dtype)
+                out[name + "_kernel"] = layer.kernel
+                out[name + "_us"] = 1e6 * t(lambda: layer(x))
+            except Exception as e:  # noqa: BLE001
+                out[name + "_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            finally:
+                os.environ.pop("NEXTSTEP_FP8_MATMUL", None)
     return out
 
 
@@ -330,16 +353,23 @@ def main(argv=None) -> int:
           lambda: timed_sample(model, dev, graph_mode, 4, 10**9, cap, width=w, height=h), need)
     eager = graph = None  # free the token copies
 
-    def to_fp8():
-        t1 = time.perf_counter()
-        n = quantize_fp8_(model)
-        sync(dev)
-        return {"layers": n, "seconds": time.perf_counter() - t1, "weight_bytes": weight_bytes(model)}
+    originals = {}  # bf16 weights of the quantisable layers, so each format starts from them
 
-    q = phase("quantize_fp8", to_fp8, 30 if cuda else 5)
-    if isinstance(q, dict) and "error" not in q:
-        phase(f"fp8_{graph_mode}_1img",
-              lambda: timed_sample(model, dev, graph_mode, 1, 10**9, cap, width=w, height=h), need)
+    def quantize_phase(fmt):
+        def run():
+            t1 = time.perf_counter()
+            n = quantize_(model, fmt, originals)
+            sync(dev)
+            return {"layers": n, "seconds": time.perf_counter() - t1, "weight_bytes": weight_bytes(model),
+                    "decoder_weight_bytes": weight_bytes(model, "layers.")}
+        return run
+
+    for fmt in ("int4", "fp8"):
+        q = phase(f"quantize_{fmt}", quantize_phase(fmt), 30 if cuda else 5)
+        if isinstance(q, dict) and "error" not in q:
+            phase(f"{fmt}_{graph_mode}_1img",
+                  lambda: timed_sample(model, dev, graph_mode, 1, 10**9, cap, width=w, height=h), need)
+    originals = None
     model = None
     if cuda:
         torch.cuda.empty_cache()
@@ -350,11 +380,13 @@ def main(argv=None) -> int:
     g = lambda k, f="s_per_image": P.get(k, {}).get(f)  # noqa: E731
     e1, g1, g4, f1 = g("bf16_eager_1img"), g(f"bf16_{graph_mode}_1img"), g(f"bf16_{graph_mode}_4img"), \
         g(f"fp8_{graph_mode}_1img")
+    i1 = g(f"int4_{graph_mode}_1img")
     pass1 = g(f"bf16_{graph_mode}_1img", "s_per_pass")
     pass4 = g(f"bf16_{graph_mode}_4img", "s_per_pass")
     on_gpu = cuda and a.size == "full" and (w, h) == (512, 512)
     R["summary"] = {
         "bf16_eager_s_per_image": e1, "bf16_graph_s_per_image": g1, "fp8_graph_s_per_image": f1,
+        "int4_graph_s_per_image": i1,
         "four_images_s_per_pass": pass4, "four_images_s_per_image": g4,
         "graph_speedup_vs_eager": (e1 / g1) if e1 and g1 else None,
         "four_over_one_time": (pass4 / pass1) if pass4 and pass1 else None,

@@ -1,5 +1,7 @@
 """The memory sections of the CPU bench: quantised weights (speed, bytes, peak RSS, error) and the converter.
 
+quant: bf16 vs fp8 vs int8 vs int4 files of the same checkpoint, loaded in bf16, timed interleaved (medians).
+
 Run through bench_cpu.py (`--only quant,convert`); this file is also the fresh-process probe those sections start
 (`python bench/bench_memory.py child-gen PATH W H`), so every peak RSS comes from a process of its own.
 """
@@ -36,6 +38,16 @@ def child_gen(path: str, width: int, height: int) -> None:
     print(json.dumps(out))
 
 
+def kernels(model) -> dict:
+    """{kernel: number of layers} of a loaded model (quant.QuantLinear.kernel; plain layers are not counted)."""
+    counts = {}
+    for m in model.modules():
+        k = getattr(m, "kernel", None)
+        if k and k != "dense":
+            counts[k] = counts.get(k, 0) + 1
+    return counts
+
+
 def bench_quant(a, ck, R, cache, tiny):
     import torch
 
@@ -43,7 +55,7 @@ def bench_quant(a, ck, R, cache, tiny):
     from nextstep_core.convert import convert
 
     files = {}
-    for fmt_ in ("bf16", "fp8", "int8"):
+    for fmt_ in a.quant_formats.split(","):
         dst = os.path.join(cache, f"{os.path.basename(ck)}-{fmt_}.safetensors")
         t0 = now()
         convert(ck, dst, fmt_)
@@ -86,6 +98,7 @@ def bench_quant(a, ck, R, cache, tiny):
         child = run_child([os.path.abspath(__file__), CHILD_GEN, files[k], str(w), str(h)])
         print(f"    {k}: VmHWM {mb(child['vmhwm']):.0f} MB (after load {mb(child['vmhwm_load']):.0f} MB)")
         out[k] = {"gen_s": summary(t[k]), "tok_s": n_tok / med(t[k]), "weights": weight_bytes(models[k]),
+                  "decoder_weights": weight_bytes(models[k], "layers."), "kernels": kernels(models[k]),
                   "file_bytes": os.path.getsize(files[k]), "vmhwm": child["vmhwm"], "vmhwm_load": child["vmhwm_load"],
                   "vmhwm_minus_interp": child["vmhwm"] - base["vmhwm"],
                   "velocity_rel_err_vs_bf16": rel_err(vel[k], vel["bf16"]),
@@ -99,13 +112,17 @@ def bench_quant(a, ck, R, cache, tiny):
         o = out[k]
         o["speed_vs_bf16"] = o["tok_s"] / b["tok_s"]
         o["weights_vs_bf16"] = o["weights"] / b["weights"]
+        o["decoder_weights_vs_bf16"] = o["decoder_weights"] / b["decoder_weights"]
         o["vmhwm_vs_bf16"] = o["vmhwm"] / b["vmhwm"]
         o["vmhwm_minus_interp_vs_bf16"] = o["vmhwm_minus_interp"] / b["vmhwm_minus_interp"]
-        rows.append([k, o["tok_s"], o["speed_vs_bf16"], mb(o["weights"]), o["weights_vs_bf16"], mb(o["vmhwm"]),
-                     o["vmhwm_vs_bf16"], o["vmhwm_minus_interp_vs_bf16"], o["velocity_rel_err_vs_bf16"],
-                     o["tokens_rel_err_vs_bf16"], o["image_rel_err_vs_bf16"]])
-    print(table(rows, ["weights", "tok/s", "speed/bf16", "weights MB", "w/bf16", "peak RSS MB", "RSS/bf16",
-                       "(RSS-base)/bf16", "vel err", "token err", "image err"]))
+        rows.append([k, o["tok_s"], o["speed_vs_bf16"], mb(o["weights"]), o["weights_vs_bf16"],
+                     o["decoder_weights_vs_bf16"], mb(o["vmhwm"]), o["vmhwm_vs_bf16"], o["vmhwm_minus_interp_vs_bf16"],
+                     o["velocity_rel_err_vs_bf16"], o["tokens_rel_err_vs_bf16"], o["image_rel_err_vs_bf16"],
+                     o["image_psnr_vs_bf16_db"]])
+    print(table(rows, ["weights", "tok/s", "speed/bf16", "weights MB", "w/bf16", "decoder w/bf16", "peak RSS MB",
+                       "RSS/bf16", "(RSS-base)/bf16", "vel err", "token err", "image err", "PSNR dB"]))
+    for k in models:
+        print(f"  {k}: layers by kernel {out[k]['kernels']}")
     print(f"  for scale: bf16 vs fp32 velocity rel err {fmt(out['velocity_bf16_vs_fp32_rel_err'])}")
     models = None
     return out

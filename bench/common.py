@@ -155,9 +155,19 @@ NEGATIVE = "lowres, bad anatomy, blurry"
 SEED = 1
 
 
-def weight_bytes(model) -> int:
-    ts = list(model.parameters()) + [b for b in model.buffers() if b is not None]
-    return sum(t.numel() * t.element_size() for t in ts)
+def weight_bytes(model, prefix: str = "") -> int:
+    """Bytes held by the model's parameters and buffers whose names start with `prefix`, each storage counted once.
+
+    (A packed int4 layer's scale and zero are views into one table, which must not be counted twice.)
+    """
+    import itertools
+
+    storages = {}
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if t is not None and name.startswith(prefix):
+            s = t.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+    return sum(storages.values())
 
 
 def checkpoint(cache: str, size: str) -> str:

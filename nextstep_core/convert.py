@@ -1,10 +1,11 @@
 """Convert a model (official shard folder or any loadable file) into one `.safetensors` file, streaming.
 
-    python -m nextstep_core convert models/NextStep-1-Large nextstep1_large_fp8.safetensors --dtype fp8
+    python -m nextstep_core convert models/NextStep-1-Large nextstep1_large_int4.safetensors --dtype int4
 
 The output carries everything the loader needs in its metadata: the model config, the tokenizer files, the VAE
-config of the model's `vae/` folder (for the latent scale/shift) and the quantisation format. A VAE folder converts
-to a single VAE file the same way (its config in the metadata).
+config of the model's `vae/` folder (for the latent scale/shift) and the quantisation format. Quantised files
+keep a device-neutral layout (`quant.stored_plan`; int4's is described in `quant_int4`); packing for a device's
+kernels happens at load. A VAE folder converts to a single VAE file the same way (its config in the metadata).
 
 Tensors are read one at a time with plain file reads (no mmap, so pages of a 5 GB shard are not kept resident),
 converted, and written straight into a pre-sized safetensors file: peak RAM is about one source tensor plus its
@@ -26,24 +27,24 @@ from .loading import (META_CONFIG, META_FORMAT, META_TOKENIZER, META_TOKENIZER_C
                       find_vae_for_model, model_source, _vae_files)
 from .prompt import Tokenizer
 from .st_io import ST_DTYPES, TensorReader
-from .quant import QUANT_FORMATS, quantize_weight, should_quantize
+from .quant import QUANT_FORMATS, quantized_tensors, stored_plan
 
-TARGETS = ("bf16", "fp16", "fp32", "fp8", "int8")
+TARGETS = ("bf16", "fp16", "fp32") + QUANT_FORMATS
 
 
 def _plan(name: str, shape, target: str):
     """[(key, dtype, shape)] written for one source tensor."""
-    if target in ("fp8", "int8") and should_quantize(name):
-        qd = torch.float8_e4m3fn if target == "fp8" else torch.int8
-        return [(name, qd, shape), (name[: -len("weight")] + "weight_scale", torch.float32, (shape[0],))]
+    quantised = stored_plan(name, shape, target) if target in QUANT_FORMATS else None
+    if quantised:
+        return quantised
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(target, torch.bfloat16)
     return [(name, dt, shape)]
 
 
 def _convert_one(name: str, t: torch.Tensor, target: str) -> list[torch.Tensor]:
-    if target in ("fp8", "int8") and should_quantize(name):
-        q, s = quantize_weight(t, target)
-        return [q, s]
+    quantised = quantized_tensors(name, t, target) if target in QUANT_FORMATS else None
+    if quantised:
+        return [v for _, v in quantised]
     plan = _plan(name, t.shape, target)
     return [t.to(plan[0][1]) if t.is_floating_point() else t]
 

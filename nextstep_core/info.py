@@ -24,15 +24,16 @@ def describe(path: str, family: str | None = AUTO) -> str:
 
 def _describe_model(path: str, family: str | None) -> str:
     from .model import NextStep
-    from .quant import QUANT_SUFFIXES
+    from .quant import QUANT_SUFFIXES, stored_shapes
 
     cfg, src = read_model_config(path, family)
     tok = load_tokenizer(src)
     tok.check_against(cfg, src.path)
     with torch.device("meta"):
         expected = expected_shapes(NextStep(cfg, with_lm_head="lm_head.weight" in src.shapes))
-    unexpected = [k for k in check_keys(expected, src, "model", {"gen_pos_embed"}) if not k.endswith(QUANT_SUFFIXES)]
-    n_params = sum(torch.Size(s).numel() for k, s in src.shapes.items() if not k.endswith(QUANT_SUFFIXES))
+    stored = stored_shapes(expected, src.metadata.get("nextstep_quant"))  # int4 files: two codes per byte
+    unexpected = [k for k in check_keys(stored, src, "model", {"gen_pos_embed"}) if not k.endswith(QUANT_SUFFIXES)]
+    n_params = sum(torch.Size(s).numel() for k, s in expected.items() if k in src.shapes)
     dtypes = sorted(set(src.dtypes.values()))
     size = sum(os.path.getsize(f) for f in src.files)
     lines = [

@@ -162,7 +162,7 @@ def set_tensor(module: nn.Module, key: str, value: torch.Tensor) -> None:
 def stream_into(module: nn.Module, src: Source, keys: list[str], dtype: torch.dtype, device,
                 keep_dtype=lambda key, t: False, quantize: str | None = None) -> None:
     """Read each key from its file, cast (unless `keep_dtype`) or quantise, place, and assign it into `module`."""
-    from .quant import quantize_weight, should_quantize
+    from .quant import quantized_tensors
     from .st_io import TensorReader
 
     readers = {}
@@ -176,10 +176,10 @@ def stream_into(module: nn.Module, src: Source, keys: list[str], dtype: torch.dt
         except Exception as e:
             raise CheckpointError(f"{fpath}: reading {k} failed ({e}); the file is truncated or corrupt, download it "
                                   "again.") from None
-        if quantize and should_quantize(k) and t.element_size() > 1:
-            q, scale = quantize_weight(t.to(device), quantize)
-            set_tensor(module, k, q)
-            set_tensor(module, k[: -len("weight")] + "weight_scale", scale)
+        parts = quantized_tensors(k, t.to(device), quantize) if quantize and t.element_size() > 1 else None
+        if parts:
+            for key, value in parts:
+                set_tensor(module, key, value)
             continue
         if t.is_floating_point() and not keep_dtype(k, t):
             t = t.to(dtype)
@@ -322,12 +322,12 @@ def load_model(path: str, dtype="bfloat16", device=None, operations=None, attn_b
     (logger "nextstep"; a warning with how to override when it was a guess); "nextstep-1" / "nextstep-1.1" set it.
 
     `operations` supplies the layer classes (Linear, Embedding, LayerNorm; default torch.nn). The LM head is
-    skipped unless `load_lm_head`, since image generation never reads it. Weights stored in fp8/int8 by
-    `convert` stay in that format; `quantize="fp8"|"int8"` quantises a bf16/fp32 checkpoint the same way while
+    skipped unless `load_lm_head`, since image generation never reads it. Weights stored in fp8/int8/int4
+    by `convert` stay so; `quantize="fp8"|"int8"|"int4"` quantises a bf16/fp32 checkpoint the same way while
     loading (tensor by tensor, so the unquantised model is never in memory). `dtype` is the compute dtype.
     """
     from .model import NextStep
-    from .quant import QUANT_SUFFIXES, quantized_operations
+    from .quant import QUANT_FORMATS, QUANT_SUFFIXES, prepare_quantized, quantized_operations, stored_shapes
 
     cfg, src = read_model_config(path, family)
     dtype, device = parse_dtype(dtype), torch.device(device or "cpu")
@@ -347,8 +347,8 @@ def load_model(path: str, dtype="bfloat16", device=None, operations=None, attn_b
     quant = src.metadata.get("nextstep_quant")
     if quantize is not None and quant is not None and quantize != quant:
         raise NextStepError(f"{src.path} is already quantised as {quant}; it cannot be loaded as {quantize}.")
-    if quantize is not None and quantize not in ("fp8", "int8"):
-        raise NextStepError(f"unknown quantisation {quantize!r}; use fp8 or int8.")
+    if quantize is not None and quantize not in QUANT_FORMATS:
+        raise NextStepError(f"unknown quantisation {quantize!r}; use one of {', '.join(QUANT_FORMATS)}.")
     quantize = None if quant else quantize
     quant = quant or quantize
     if quant == "fp8" and device.type == "mps":
@@ -358,6 +358,7 @@ def load_model(path: str, dtype="bfloat16", device=None, operations=None, attn_b
     with torch.device("meta"):
         model = NextStep(cfg, ops, attn_backend, with_lm_head=load_lm_head)
     expected = expected_shapes(model)
+    expected = stored_shapes(expected, None if quantize else quant)  # int4 files: two codes per byte
     optional = {"gen_pos_embed"} | ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
     unexpected = check_keys(expected, src, "model", optional)
     unexpected = [k for k in unexpected if not k.startswith(_SKIPPABLE) and not k.endswith("rotary_emb.inv_freq")
@@ -373,6 +374,8 @@ def load_model(path: str, dtype="bfloat16", device=None, operations=None, attn_b
 
         set_tensor(model, "gen_pos_embed", sincos_2d_table(cfg.hidden_size, cfg.base_image_grid_size)[None]
                    .to(device, dtype))
+    if quant:
+        prepare_quantized(model, dtype)  # each layer's kernel for this device (probed once), packed weights
     if load_lm_head and "lm_head.weight" not in src.shapes:
         model.lm_head.weight = model.embed_tokens.weight
     model.tokenizer = tok

@@ -11,8 +11,8 @@ from . import files
 from .common import CATEGORY, MODEL, VAE, user_errors
 
 WEIGHT_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-                 "fp8": None, "int8": None}
-QUANTISED = ("fp8", "int8")  # weights stored quantised, computed in bf16 (or fp32 where bf16 is unavailable)
+                 "fp8": None, "int8": None, "int4": None}
+QUANTISED = ("fp8", "int8", "int4")  # weights stored quantised, computed in bf16 (or fp32 where bf16 is unavailable)
 ATTENTION = {"sdpa": "sdpa", "flash-attn": "flash"}  # combo value -> engine backend name
 FAMILIES = ["auto", *ns.FAMILIES]
 _FAMILY_TIP = ("NextStep-1 or NextStep-1.1: picks the sampler, time grid and guidance schedule the model was made for. "
@@ -39,9 +39,10 @@ class NextStepModelLoader:
             "model_name": (files.model_choices(), {"tooltip": "Model folder under models/nextstep (with config.json),"
                                                               " or a single .safetensors in models/diffusion_models."}),
             "weight_dtype": (list(WEIGHT_DTYPES), {"default": "auto", "tooltip": "Weight precision. auto: bf16 where "
-                             "the device supports it, else fp32 (files made by convert --dtype fp8/int8 stay so). "
+                             "the device supports it, else fp32 (files made by convert --dtype fp8/int8/int4 stay so). "
                              "fp8 / int8 quantise the decoder and head weights while loading: about half the memory "
-                             "of bf16. fp16 may overflow on this model family."}),
+                             "of bf16; int4 quantises the decoder only: about 0.3x. fp16 may overflow on this model "
+                             "family."}),
             "attention": (list(ATTENTION), {"default": "sdpa", "tooltip": "Attention kernel. sdpa is PyTorch's "
                           "built-in; flash-attn needs the flash_attn package and a CUDA GPU."}),
             "download": ("BOOLEAN", {"default": False, "tooltip": _DOWNLOAD_TIP}),

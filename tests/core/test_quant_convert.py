@@ -1,4 +1,4 @@
-"""fp8 / int8 weights and the converter: round trips, error bounds, memory."""
+"""fp8 / int8 / int4 weights and the converter: round trips, error bounds, memory."""
 import os
 
 import pytest
@@ -104,18 +104,20 @@ def test_quantising_at_load_time_equals_a_converted_file(tiny_dir, tmp_path, fmt
         ns.load_model(str(tmp_path / "q.safetensors"), quantize="int8" if fmt == "fp8" else "fp8")
 
 
-def test_head_weights_are_expanded_once_per_token_and_released(tiny_dir):
-    from nextstep_core.quant import expanded_weights
+def test_head_layers_without_a_packed_kernel_are_expanded_once_per_block_and_released(tiny_dir):
+    import nextstep_core.quant as Q
 
-    m = ns.load_model(tiny_dir, dtype="float32", quantize="int8")
+    m = ns.load_model(tiny_dir, dtype="float32", quantize="fp8")  # fp8 on a CPU: no packed kernel, dequantised
     head = m.image_head
     layer = head.net.res_blocks[0].mlp[0]
+    assert layer.kernel == "dequant"
     x, c = torch.randn(3, 64), torch.randn(3, m.config.hidden_size)
     plain = head.velocity(x, 0.3, c)
-    with expanded_weights(head, torch.float32):
-        assert layer.expanded is not None and layer.expanded.dtype == torch.float32
+    with Q.expanded_weights(head, torch.float32):
         inside = head.velocity(x, 0.3, c)
-    assert layer.expanded is None
+        cache = Q._EXPANDED.get()
+        assert cache[layer] is not None and cache[layer].dtype == torch.float32
+    assert Q._EXPANDED.get() is None and not hasattr(layer, "expanded")
     assert torch.allclose(plain, inside, atol=1e-5)
 
 

@@ -110,7 +110,7 @@ def test_text_to_image_chain(pack):
     assert images.shape == (2, 48, 32, 3) and 0 <= images.min() and images.max() <= 1
 
 
-@pytest.mark.parametrize("weight_dtype", ["fp8", "int8"])
+@pytest.mark.parametrize("weight_dtype", ["fp8", "int8", "int4"])
 def test_quantised_weight_dtypes(pack, weight_dtype):
     model = node(pack, "NextStepModelLoader").load("NextStep-1.1", weight_dtype, "sdpa", False)[0]
     assert model.module.quant == weight_dtype
