@@ -18,6 +18,7 @@ Sections
   batch     1 vs 4 images per prompt in one pass
   anneal    50 head steps vs step annealing 50 -> 5
   convert   peak RSS of `python -m nextstep_core convert SRC DST --dtype bf16` vs the bf16 weight bytes
+  keep      regenerating the bottom half of an image (teacher forcing the top half) vs a whole image
 """
 from __future__ import annotations
 
@@ -171,9 +172,45 @@ def bench_anneal(a, ck, R):
     return out
 
 
+def bench_keep(a, ck, R):
+    """Teacher forcing: regenerating the bottom half of an image (kept tokens skip the head) vs a whole image."""
+    import nextstep_core as ns
+
+    model = ns.load_model(ck, dtype="bfloat16")
+    w, h = a.width, a.height
+    rows, cols = h // 16, w // 16
+    n_tok = rows * cols
+    full = gen(model, w, h)
+    inits = {"keep top half": ns.TokenInit(full.tokens, ns.keep_rows(rows // 2, rows, cols)),
+             "keep all": ns.TokenInit(full.tokens, ns.keep_rows(rows, rows, cols))}
+    print(f"  {w}x{h} ({n_tok} tokens, {rows} rows), eager, hoisted head, 50 steps; the reroll keeps {rows // 2} rows")
+    cond = ns.Conditioning([PROMPT], negative_prompt=NEGATIVE)
+    settings = ns.SamplerSettings(width=w, height=h, cfg=7.5, steps=50, seed=SEED + 1, noise="independent",
+                                  fast="eager")
+    results = {}
+
+    def run(name):  # the first `gen` above was the warm-up
+        def f():
+            results[name] = ns.sample(model, cond, settings, init=inits.get(name))
+        return f
+
+    t = interleave({name: run(name) for name in ("whole image", *inits)}, R)
+    full_s, half_s, all_s = (med(t[k]) for k in ("whole image", "keep top half", "keep all"))
+    kept = slice(0, (rows // 2) * cols)
+    out = {"tokens": n_tok, "whole_s": summary(t["whole image"]), "half_s": summary(t["keep top half"]),
+           "keep_all_s": summary(t["keep all"]), "half_over_whole_time": half_s / full_s,
+           "keep_all_over_whole_time": all_s / full_s,
+           "kept_tokens_identical": bool((results["keep top half"].tokens[:, kept] == full.tokens[:, kept]).all())}
+    print(table([["whole image", full_s, 1.0], ["reroll bottom half", half_s, half_s / full_s],
+                 ["keep everything (decoder only)", all_s, all_s / full_s]],
+                [f"{a.size}, 50 steps, cfg 7.5", "s", "time / whole"]))
+    print(f"  kept tokens identical to the init: {out['kept_tokens_identical']}")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- main
 
-SECTIONS = ("head", "fast", "quant", "batch", "anneal", "convert")
+SECTIONS = ("head", "fast", "quant", "batch", "anneal", "convert", "keep")
 
 
 def main(argv=None) -> int:
@@ -226,6 +263,8 @@ def main(argv=None) -> int:
                 results[name] = bench_anneal(a, ck, R)
             elif name == "convert":
                 results[name] = bench_convert(a, ck, a.cache)
+            elif name == "keep":
+                results[name] = bench_keep(a, ck, R)
             else:
                 raise ValueError(f"unknown section {name}")
         except Exception as e:  # keep the other sections' numbers
@@ -260,6 +299,8 @@ def main(argv=None) -> int:
                          ["4 images / 1 image, per-image throughput", r["batch"]["throughput_gain"]]]
     if "anneal_speedup" in r.get("anneal", {}):
         summary_rows.append(["annealed 50->5 / 50 steps speed", r["anneal"]["anneal_speedup"]])
+    if "half_over_whole_time" in r.get("keep", {}):
+        summary_rows.append(["reroll bottom half / whole image, time", r["keep"]["half_over_whole_time"]])
     if "vmhwm_over_goal" in r.get("convert", {}):
         summary_rows.append(["converter peak RSS / (1.1 x bf16 + 300 MB)", r["convert"]["vmhwm_over_goal"]])
     if summary_rows:

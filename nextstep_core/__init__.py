@@ -16,7 +16,7 @@ _LAZY = {
     "config": ("FAMILIES", "FAMILY_V1", "FAMILY_V1_1", "ModelConfig", "VAEConfig"),
     "family": ("Family", "family_of"),
     "generation": ("Conditioning", "SampleResult", "guidance_branches", "sample", "tokens_to_latents"),
-    "keep": ("TokenInit", "keep_from_mask", "keep_rows"),
+    "keep": ("TokenInit", "keep_from_mask", "keep_from_noise_mask", "keep_rows"),
     "images": ("decode_latents", "encode_edit_images", "encode_latents", "read_image"),
     "memory": ("estimate_memory_bytes",),
     "loading": ("find_vae_for_model", "load_model", "load_vae"),

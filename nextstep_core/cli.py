@@ -34,6 +34,7 @@ class _Job:
     dtype: object
     outputs: list  # (image path, PIL format) per image
     latents_out: str | None
+    keep: object = None  # KeepInputs (keep_inputs.py): an init canvas and what of it to keep, or None
 
 
 def _check(args) -> _Job:
@@ -42,9 +43,12 @@ def _check(args) -> _Job:
     from .download import resolve_model
     from .family import FAMILY_V1
     from .images import prepare_edit_images
+    from .keep_inputs import check_keep_inputs
     from .loading import check_dtype_supported, find_vae_for_model, parse_dtype, read_model_config
     from .outputs import image_outputs, latents_output
 
+    keep = check_keep_inputs(args.init_image, args.init_latents, args.mask, args.keep_rows, args.width, args.height)
+    args.width, args.height = (keep.width, keep.height) if keep else (args.width, args.height)  # the init's size
     edit = bool(args.edit_image)
     given = {k: getattr(args, k) for k in SETTING_ARGS if getattr(args, k) is not None}
     if args.model == "tiny":
@@ -74,7 +78,7 @@ def _check(args) -> _Job:
 
             torch.set_num_threads(1)  # its matrices are too small to share: threads only wait on each other
     return _Job(model_path, vae_path, model_config.family, settings, pixels, device, dtype, outputs,
-                latents_out)
+                latents_out, keep)
 
 
 def _settings(family, edit: bool, given: dict):
@@ -119,7 +123,8 @@ def _generate(args) -> int:
     if job.pixels:
         cond = encode_edit_images(vae, cond, job.pixels)
     bar = _Bar()
-    res = G.sample(model, cond, job.settings, progress=bar,
+    init = job.keep.token_init(vae, model.config) if job.keep else None
+    res = G.sample(model, cond, job.settings, progress=bar, init=init,
                    latent_affine=(vae.config.scaling_factor, vae.config.shift_factor))
     bar.close()
     pils = GenerationResult(res.tokens, res.latents, decode_latents(vae, res.latents)).pil()
@@ -201,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--output", default="nextstep.png",
                    help="image file (.png, .jpg, .webp, ...; several images: numbered files)")
     g.add_argument("--save-latents", help="write tokens [B,T,64] and latents [B,16,H/8,W/8] to this .npz")
+    g.add_argument("--init-image", help="keep part of this image (its size is the output's; VAE-encoded)")
+    g.add_argument("--init-latents", help="keep part of these latents (an .npz written by --save-latents)")
+    g.add_argument("--mask", help="with an init: white = regenerate, black = keep (an image of the output's size)")
+    g.add_argument("--keep-rows", type=int, help="with an init: keep the top K token rows (16 pixels each)")
     g.set_defaults(func=_generate)
     c = sub.add_parser("convert", help="one .safetensors (bf16/fp16/fp32/fp8/int8/int4) from a model or VAE")
     c.add_argument("src")

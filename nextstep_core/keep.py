@@ -51,6 +51,22 @@ def keep_from_mask(mask: torch.Tensor, h: int, w: int, threshold: float = 0.0) -
     return (masked <= threshold).flatten(1)
 
 
+def keep_from_noise_mask(noise_mask: torch.Tensor, n_img: int, h: int, w: int, patch: int = 2) -> torch.Tensor:
+    """Token keep mask [n_img, h*w] from a ComfyUI `noise_mask` (1 = regenerate), read the way core KSampler reads it.
+
+    KSampler resizes the mask bilinearly to the latent grid (h*patch x w*patch, any input resolution) and repeats
+    it over the batch; a latent cell is then regenerated in proportion to its value. A token covers patch x patch
+    latent cells and is regenerated when any of them has a value above 0, kept when all are 0.
+    """
+    m = noise_mask.float()
+    if m.ndim < 2 or m.numel() == 0:
+        raise NextStepError(f"a noise_mask must be [H, W], [B, H, W] or [B, 1, H, W], got {list(noise_mask.shape)}.")
+    m = F.interpolate(m.reshape(-1, 1, m.shape[-2], m.shape[-1]), size=(h * patch, w * patch), mode="bilinear")
+    reps = -(-n_img // m.shape[0])  # as comfy.utils.repeat_to_batch_size: tile, then cut to the batch
+    m = m.repeat(reps, 1, 1, 1)[:n_img]
+    return (F.max_pool2d(m, patch)[:, 0] <= 0).flatten(1)
+
+
 @dataclass
 class TokenInit:
     """The starting canvas: tokens [B or 1, T, D] in the model's token space and which of them to keep.

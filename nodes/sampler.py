@@ -4,6 +4,7 @@ from __future__ import annotations
 from .. import nextstep_core as ns
 from . import comfy_glue as glue
 from .common import CATEGORY, CONDITIONING, MAX_SIDE, MODEL, TOKEN_PIXELS, check_size, user_errors
+from .keep import LATENT_TOOLTIP, sampler_init
 
 
 class NextStepSampler:
@@ -51,6 +52,7 @@ class NextStepSampler:
             "steps_end": ("INT", {"default": 0, "min": 0, "max": 200,
                                   "tooltip": "Step annealing: head steps fall linearly from 'steps' at the first token "
                                              "to this at the last (e.g. 50 -> 5 is about 1.4x faster). 0 = off."}),
+            "latent": ("LATENT", {"tooltip": LATENT_TOOLTIP}),
         }}
 
     @classmethod
@@ -63,13 +65,15 @@ class NextStepSampler:
         return True
 
     def sample(self, model, conditioning, seed, width, height, batch_size, cfg, cfg_img, cfg_schedule,
-               timesteps_shift, steps, sampler, use_norm, steps_end=0):
+               timesteps_shift, steps, sampler, use_norm, steps_end=0, latent=None):
         with user_errors(self.TITLE):
             settings = ns.SamplerSettings(width=width, height=height, images_per_prompt=batch_size, cfg=cfg,
                                           cfg_img=cfg_img, cfg_schedule=cfg_schedule,
                                           timesteps_shift=timesteps_shift, steps=steps, steps_end=steps_end or None,
                                           sampler=None if sampler == "auto" else sampler, use_norm=use_norm,
                                           seed=seed).validate(model.config)
+            n_img = len(conditioning.prompts) * batch_size
+            init = sampler_init(latent, model.module, n_img, width, height, self.TITLE)
             rows = ns.guidance_branches(conditioning, cfg, cfg_img) * len(conditioning.prompts) * batch_size
             need = ns.estimate_memory_bytes(model.module, width, height, rows)  # weights + KV cache + activations
             glue.load_to_device(model, need - glue.mm.module_size(model.module))
@@ -78,7 +82,7 @@ class NextStepSampler:
             progress = glue.TokenProgress((width // TOKEN_PIXELS) * (height // TOKEN_PIXELS),
                                           lambda tokens: ns.tokens_to_latents(tokens, width, height, model.config))
             result = ns.sample(model.module, conditioning, settings, progress=progress,
-                               should_cancel=glue.should_cancel)
+                               should_cancel=glue.should_cancel, init=init)
             return ({"samples": result.latents.float().to(glue.intermediate_device())},)
 
 
