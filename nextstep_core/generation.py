@@ -221,12 +221,16 @@ def sample(model, cond: Conditioning, settings: SamplerSettings | None = None, p
         stepper = _EagerStepper(model, plan, cache, c, noise_src) if mode == "eager" else \
             _StaticStepper(model, plan, cache, c, noise_src, fixed, capture=mode == "graph")
         tokens = torch.zeros(plan.n_img, plan.total, mcfg.token_dim, device="cpu" if mode == "eager" else model.device)
+        last_free = plan.total - 1
         if forced is not None:  # the canvas starts with the kept tokens, so previews show them from the start
             tokens.copy_(torch.where(forced[1][..., None], forced[0], 0.0))
+            free = (~forced[1]).any(0).nonzero()
+            last_free = int(free[-1]) if len(free) else -1  # kept tokens after it need neither head nor decoder
         for k in range(plan.total):
             if should_cancel is not None and should_cancel():
                 raise GenerationCancelled(f"cancelled after {k} of {plan.total} tokens")
-            tokens[:, k] = stepper.step(k, None if forced is None else (forced[1][:, k], forced[0][:, k]))
+            if k <= last_free:
+                tokens[:, k] = stepper.step(k, None if forced is None else (forced[1][:, k], forced[0][:, k]))
             if progress is not None:
                 progress(k + 1, plan.total, tokens if forced is not None else tokens[:, :k + 1])
     tokens = tokens.float().cpu()

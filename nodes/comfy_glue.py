@@ -40,6 +40,15 @@ class NextStepManaged(torch.nn.Module):
         super().__init__()
         self.engine = module
 
+    def _apply(self, fn, *args, **kwargs):
+        # ComfyUI moves the whole module when it loads or unloads it: the engine's kept per-token step (its KV cache
+        # and CUDA graph, outside the weights ComfyUI counts) must go with the old placement, or "Unload models"
+        # would leave it on the GPU.
+        release = getattr(self.engine, "release_step_cache", None)
+        if release is not None:
+            release()
+        return super()._apply(fn, *args, **kwargs)
+
 
 def make_patcher(module: torch.nn.Module):
     """Registers the module with ComfyUI's memory manager, so "Unload models" frees it and other models get room.

@@ -66,6 +66,20 @@ def test_kept_tokens_skip_the_head(tiny_model, monkeypatch):
     assert len(calls) == int((~keep).sum())  # one head call per regenerated token, none for the kept ones
 
 
+def test_nothing_runs_after_the_last_regenerated_token(tiny_model, monkeypatch):
+    """A hole in the middle: the kept tokens after it are copied, with no head call and no decoder step."""
+    full = sample(tiny_model, Conditioning(["a cat"]), BASE)
+    keep = torch.ones(H * W, dtype=torch.bool)
+    keep[5] = False
+    calls = count_head_calls(monkeypatch)
+    steps = []
+    real = tiny_model.forward_embeds
+    monkeypatch.setattr(tiny_model, "forward_embeds", lambda *a, **k: steps.append(1) or real(*a, **k))
+    res = sample(tiny_model, Conditioning(["a cat"]), BASE, init=TokenInit(full.tokens, keep))
+    assert torch.equal(res.tokens, full.tokens)
+    assert len(calls) == 1 and len(steps) == 1 + 6  # the prefill, then tokens 0..5 fed back
+
+
 def test_kept_tokens_are_seen_by_the_tokens_after_them(tiny_model):
     """Teacher forcing, not pasting: changing a kept token changes what is generated after it."""
     cond = Conditioning(["a cat"])

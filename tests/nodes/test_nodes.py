@@ -185,3 +185,15 @@ def test_workflows_use_only_known_widgets(pack):
                            ("INT", "FLOAT", "STRING", "BOOLEAN")]
                 extra = 1 if "seed" in widgets else 0
                 assert len(n.get("widgets_values", [])) == len(widgets) + extra, (path.name, n["type"])
+
+
+def test_moving_the_managed_model_releases_the_kept_per_token_step(pack):
+    """ComfyUI loads and unloads by moving the patcher's module: the kept step (KV cache, graph) must go too."""
+    import nextstep_core as ns
+
+    model = node(pack, "NextStepModelLoader").load("NextStep-1.1", "fp32", "sdpa", False)[0]
+    settings = ns.SamplerSettings(width=32, height=32, steps=2, fast="static")
+    ns.sample(model.module, ns.Conditioning(["a cat"]), settings)
+    assert model.module.step_cache is not None
+    model.patcher.model.to("cpu")
+    assert model.module.step_cache is None
