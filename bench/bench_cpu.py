@@ -117,13 +117,18 @@ def bench_fast(a, cks, R):
     return out
 
 
-def bench_batch(a, ck, R):
+def bf16_model(a, ck, note=""):
+    """The section's checkpoint in bf16 and its image size: (model, width, height, tokens per image)."""
     import nextstep_core as ns
 
-    model = ns.load_model(ck, dtype="bfloat16")
     w, h = a.width, a.height
     n_tok = (w // 16) * (h // 16)
-    print(f"  {w}x{h} ({n_tok} tokens per image), eager, hoisted head")
+    print(f"  {w}x{h} ({n_tok} tokens per image{note}), eager, fused head")
+    return ns.load_model(ck, dtype="bfloat16"), w, h, n_tok
+
+
+def bench_batch(a, ck, R):
+    model, w, h, n_tok = bf16_model(a, ck)
     t, r = compare(model, w, h, {"1 image": dict(images_per_prompt=1), "4 images": dict(images_per_prompt=4)}, R)
     res = {1: r["1 image"], 4: r["4 images"]}
     t1, t4 = med(t["1 image"]), med(t["4 images"])
@@ -140,12 +145,7 @@ def bench_batch(a, ck, R):
 
 
 def bench_anneal(a, ck, R):
-    import nextstep_core as ns
-
-    model = ns.load_model(ck, dtype="bfloat16")
-    w, h = a.width, a.height
-    n_tok = (w // 16) * (h // 16)
-    print(f"  {w}x{h} ({n_tok} tokens), eager, hoisted head")
+    model, w, h, n_tok = bf16_model(a, ck)
     t, r = compare(model, w, h, {"50 steps": dict(steps_end=None), "50->5 annealed": dict(steps_end=5)}, R)
     res = {None: r["50 steps"], 5: r["50->5 annealed"]}
     other_seed = gen(model, w, h, seed=SEED + 1)
@@ -176,14 +176,11 @@ def bench_keep(a, ck, R):
     """Teacher forcing: regenerating the bottom half of an image (kept tokens skip the head) vs a whole image."""
     import nextstep_core as ns
 
-    model = ns.load_model(ck, dtype="bfloat16")
-    w, h = a.width, a.height
-    rows, cols = h // 16, w // 16
-    n_tok = rows * cols
+    rows, cols = a.height // 16, a.width // 16
+    model, w, h, n_tok = bf16_model(a, ck, f", {rows} rows; 50 steps; the reroll keeps {rows // 2} rows")
     full = gen(model, w, h)
     inits = {"keep top half": ns.TokenInit(full.tokens, ns.keep_rows(rows // 2, rows, cols)),
              "keep all": ns.TokenInit(full.tokens, ns.keep_rows(rows, rows, cols))}
-    print(f"  {w}x{h} ({n_tok} tokens, {rows} rows), eager, hoisted head, 50 steps; the reroll keeps {rows // 2} rows")
     cond = ns.Conditioning([PROMPT], negative_prompt=NEGATIVE)
     settings = ns.SamplerSettings(width=w, height=h, cfg=7.5, steps=50, seed=SEED + 1, noise="independent",
                                   fast="eager")
@@ -202,7 +199,7 @@ def bench_keep(a, ck, R):
            "keep_all_over_whole_time": all_s / full_s,
            "kept_tokens_identical": bool((results["keep top half"].tokens[:, kept] == full.tokens[:, kept]).all())}
     print(table([["whole image", full_s, 1.0], ["reroll bottom half", half_s, half_s / full_s],
-                 ["keep everything (decoder only)", all_s, all_s / full_s]],
+                 ["keep everything (prefill only)", all_s, all_s / full_s]],
                 [f"{a.size}, 50 steps, cfg 7.5", "s", "time / whole"]))
     print(f"  kept tokens identical to the init: {out['kept_tokens_identical']}")
     return out
