@@ -35,22 +35,33 @@ from common import (NEGATIVE, PROMPT, REPO, SEED, checkpoint, compare, dump_json
 
 # ---------------------------------------------------------------------------------------------------- sections
 
+def head_inputs(model):
+    """The head-alone benchmark's fixed inputs: a condition for 2 guidance rows, one token's noise, cfg 7.5,
+    50 steps -> (condition, noise, Guidance, SamplerSettings)."""
+    import torch
+
+    import nextstep_core as ns
+    from nextstep_core.sampling import Guidance
+
+    cfg = model.config
+    g = torch.Generator().manual_seed(123)
+    with torch.inference_mode():
+        cc = model.image_out_projector(torch.randn(2, cfg.hidden_size, generator=g).to(model.dtype))
+    noise = torch.randn(50, 1, cfg.token_dim, generator=g)
+    return cc, noise, Guidance(2, 7.5, 1.0), ns.family_defaults(cfg.family).replace(steps=50)
+
+
 def bench_head(a, ck, R):
     import torch
 
     import nextstep_core as ns
     from nextstep_core.family import family_of
-    from nextstep_core.sampling import Guidance, HeadPlan, sample_token
+    from nextstep_core.sampling import HeadPlan, sample_token
 
     loops = ("plain", "hoisted", "fused")
     model = ns.load_model(ck, dtype="bfloat16")
     cfg = model.config
-    g = torch.Generator().manual_seed(123)
-    with torch.inference_mode():
-        cc = model.image_out_projector(torch.randn(2, cfg.hidden_size, generator=g).to(torch.bfloat16))
-    noise = torch.randn(50, 1, cfg.token_dim, generator=g)
-    guide = Guidance(2, 7.5, 1.0)
-    settings = ns.family_defaults(cfg.family).replace(steps=50)
+    cc, noise, guide, settings = head_inputs(model)
     with torch.inference_mode():
         plans = {loop: HeadPlan.build(model.image_head, family_of(cfg), 50, settings.replace(head_loop=loop),
                                       model.device, model.dtype) for loop in loops}
