@@ -35,22 +35,33 @@ from common import (NEGATIVE, PROMPT, REPO, SEED, checkpoint, compare, dump_json
 
 # ---------------------------------------------------------------------------------------------------- sections
 
+def head_inputs(model):
+    """The head-alone benchmark's fixed inputs: a condition for 2 guidance rows, one token's noise, cfg 7.5,
+    50 steps -> (condition, noise, Guidance, SamplerSettings)."""
+    import torch
+
+    import nextstep_core as ns
+    from nextstep_core.sampling import Guidance
+
+    cfg = model.config
+    g = torch.Generator().manual_seed(123)
+    with torch.inference_mode():
+        cc = model.image_out_projector(torch.randn(2, cfg.hidden_size, generator=g).to(model.dtype))
+    noise = torch.randn(50, 1, cfg.token_dim, generator=g)
+    return cc, noise, Guidance(2, 7.5, 1.0), ns.family_defaults(cfg.family).replace(steps=50)
+
+
 def bench_head(a, ck, R):
     import torch
 
     import nextstep_core as ns
     from nextstep_core.family import family_of
-    from nextstep_core.sampling import Guidance, HeadPlan, sample_token
+    from nextstep_core.sampling import HeadPlan, sample_token
 
     loops = ("plain", "hoisted", "fused")
     model = ns.load_model(ck, dtype="bfloat16")
     cfg = model.config
-    g = torch.Generator().manual_seed(123)
-    with torch.inference_mode():
-        cc = model.image_out_projector(torch.randn(2, cfg.hidden_size, generator=g).to(torch.bfloat16))
-    noise = torch.randn(50, 1, cfg.token_dim, generator=g)
-    guide = Guidance(2, 7.5, 1.0)
-    settings = ns.family_defaults(cfg.family).replace(steps=50)
+    cc, noise, guide, settings = head_inputs(model)
     with torch.inference_mode():
         plans = {loop: HeadPlan.build(model.image_head, family_of(cfg), 50, settings.replace(head_loop=loop),
                                       model.device, model.dtype) for loop in loops}
@@ -117,13 +128,18 @@ def bench_fast(a, cks, R):
     return out
 
 
-def bench_batch(a, ck, R):
+def bf16_model(a, ck, note=""):
+    """The section's checkpoint in bf16 and its image size: (model, width, height, tokens per image)."""
     import nextstep_core as ns
 
-    model = ns.load_model(ck, dtype="bfloat16")
     w, h = a.width, a.height
     n_tok = (w // 16) * (h // 16)
-    print(f"  {w}x{h} ({n_tok} tokens per image), eager, hoisted head")
+    print(f"  {w}x{h} ({n_tok} tokens per image{note}), eager, fused head")
+    return ns.load_model(ck, dtype="bfloat16"), w, h, n_tok
+
+
+def bench_batch(a, ck, R):
+    model, w, h, n_tok = bf16_model(a, ck)
     t, r = compare(model, w, h, {"1 image": dict(images_per_prompt=1), "4 images": dict(images_per_prompt=4)}, R)
     res = {1: r["1 image"], 4: r["4 images"]}
     t1, t4 = med(t["1 image"]), med(t["4 images"])
@@ -140,12 +156,7 @@ def bench_batch(a, ck, R):
 
 
 def bench_anneal(a, ck, R):
-    import nextstep_core as ns
-
-    model = ns.load_model(ck, dtype="bfloat16")
-    w, h = a.width, a.height
-    n_tok = (w // 16) * (h // 16)
-    print(f"  {w}x{h} ({n_tok} tokens), eager, hoisted head")
+    model, w, h, n_tok = bf16_model(a, ck)
     t, r = compare(model, w, h, {"50 steps": dict(steps_end=None), "50->5 annealed": dict(steps_end=5)}, R)
     res = {None: r["50 steps"], 5: r["50->5 annealed"]}
     other_seed = gen(model, w, h, seed=SEED + 1)
@@ -176,14 +187,11 @@ def bench_keep(a, ck, R):
     """Teacher forcing: regenerating the bottom half of an image (kept tokens skip the head) vs a whole image."""
     import nextstep_core as ns
 
-    model = ns.load_model(ck, dtype="bfloat16")
-    w, h = a.width, a.height
-    rows, cols = h // 16, w // 16
-    n_tok = rows * cols
+    rows, cols = a.height // 16, a.width // 16
+    model, w, h, n_tok = bf16_model(a, ck, f", {rows} rows; 50 steps; the reroll keeps {rows // 2} rows")
     full = gen(model, w, h)
     inits = {"keep top half": ns.TokenInit(full.tokens, ns.keep_rows(rows // 2, rows, cols)),
              "keep all": ns.TokenInit(full.tokens, ns.keep_rows(rows, rows, cols))}
-    print(f"  {w}x{h} ({n_tok} tokens, {rows} rows), eager, hoisted head, 50 steps; the reroll keeps {rows // 2} rows")
     cond = ns.Conditioning([PROMPT], negative_prompt=NEGATIVE)
     settings = ns.SamplerSettings(width=w, height=h, cfg=7.5, steps=50, seed=SEED + 1, noise="independent",
                                   fast="eager")
@@ -202,7 +210,7 @@ def bench_keep(a, ck, R):
            "keep_all_over_whole_time": all_s / full_s,
            "kept_tokens_identical": bool((results["keep top half"].tokens[:, kept] == full.tokens[:, kept]).all())}
     print(table([["whole image", full_s, 1.0], ["reroll bottom half", half_s, half_s / full_s],
-                 ["keep everything (decoder only)", all_s, all_s / full_s]],
+                 ["keep everything (prefill only)", all_s, all_s / full_s]],
                 [f"{a.size}, 50 steps, cfg 7.5", "s", "time / whole"]))
     print(f"  kept tokens identical to the init: {out['kept_tokens_identical']}")
     return out

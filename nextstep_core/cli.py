@@ -19,7 +19,7 @@ def _info(args) -> int:
 
 TINY_DEMO = dict(width=128, height=128, steps=8)  # a first run in seconds on a laptop CPU; the pictures are noise
 SETTING_ARGS = ("width", "height", "images_per_prompt", "cfg", "cfg_img", "cfg_schedule", "timesteps_shift", "steps",
-                "steps_end", "sampler", "use_norm", "seed", "noise", "fast")
+                "steps_end", "sampler", "use_norm", "seed", "noise", "fast", "head_loop", "compile_head")
 
 
 @dataclass
@@ -168,7 +168,7 @@ def _convert(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .loading import DTYPES
-    from .settings import CFG_SCHEDULES, FAST_MODES, NOISE_MODES, SAMPLERS, SamplerSettings
+    from .settings import CFG_SCHEDULES, FAST_MODES, HEAD_LOOPS, NOISE_MODES, SAMPLERS, SamplerSettings
 
     p = argparse.ArgumentParser(prog="python -m nextstep_core", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -203,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="auto (default: cuda, else mps, else cpu), cpu, cuda, cuda:N, mps")
     g.add_argument("--fast", choices=FAST_MODES,
                    help="per-token path: auto (default) = CUDA graphs on CUDA, the plain loop elsewhere")
+    g.add_argument("--head-loop", choices=HEAD_LOOPS, help="the head's sampling loop (default fused; all agree)")
+    g.add_argument("--compile-head", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the head's step where this device can (off by default; falls back with a "
+                        "warning)")
     g.add_argument("-o", "--output", default="nextstep.png",
                    help="image file (.png, .jpg, .webp, ...; several images: numbered files)")
     g.add_argument("--save-latents", help="write tokens [B,T,64] and latents [B,16,H/8,W/8] to this .npz")

@@ -41,7 +41,7 @@ def step_key(model, plan) -> tuple:
     s = plan.settings
     where = hash(tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers())))
     return (plan.rows, plan.n_img, plan.branches, plan.prompt_len, plan.h, plan.w, s.steps, s.timesteps_shift,
-            s.sampler, s.use_norm, s.head_loop, plan.family.name, model.dtype, str(model.device), where)
+            s.sampler, s.use_norm, s.head_loop, s.compile_head, plan.family.name, model.dtype, str(model.device), where)
 
 
 def cache_slots(plan) -> int:
@@ -63,6 +63,7 @@ class StaticTokenStep:
         dev, dtype, cfg = model.device, model.dtype, model.config
         self.model, self.cache, self.plan = model, cache, plan
         self.head = plan.head_plan(model, plan.settings.steps)  # its time embeddings: fixed, outside the graph
+        self.head = self.head.for_graph_capture() if capture else self.head  # no torch.compile under capture
         self.chunk = max(WARMUP_STEPS, min(plan.total, NOISE_CHUNK))
         self.c = torch.zeros(plan.rows, cfg.hidden_size, device=dev, dtype=dtype)
         self.noise = torch.zeros(self.chunk, self.head.draws, plan.n_img, cfg.token_dim, device=dev)

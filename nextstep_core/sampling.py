@@ -17,15 +17,17 @@ reference the others are tested against); "hoisted" computes the AdaLN modulatio
 (default) also runs each step in as few kernels as the arithmetic allows. Every update rule is linear in (x, v, ξ),
 x' = a x + b v + c ξ, with a, b, c fixed by the time grid, so the fused loop reads them from a table built once per
 generation (`StepCoefficients`, taken from `_update` itself), scales all of a token's noise in one op, and spends
-three ops per step on guidance + update.
+three ops per step on guidance + update. `SamplerSettings.compile_head` runs the fused loop's head step through
+`torch.compile` where that works (`compile.py`; optional, never required).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from .compile import guided_velocity, head_compile_ok, warn_once
 from .family import Family
 from .quant import expanded_weights
 from .settings import CFG_SCHEDULES, HEAD_LOOPS, SAMPLERS
@@ -112,6 +114,7 @@ class HeadPlan:
     family: Family
     loop: str = "fused"  # "plain" (per-step reference loop), "hoisted" or "fused": see the module docstring
     coef: StepCoefficients | None = None  # the fused loop's per-step coefficients (built when loop == "fused")
+    compiled: bool = False  # the fused loop's head step through torch.compile (compile.py); only where it works
 
     def __post_init__(self):
         if self.loop not in HEAD_LOOPS:
@@ -123,12 +126,22 @@ class HeadPlan:
     def build(cls, head, family: Family, steps: int, settings, device, dtype) -> "HeadPlan":
         grid = family.time_grid(steps, settings.timesteps_shift)
         grid_dev = grid.to(device)
+        compiled = settings.compile_head and settings.head_loop == "fused" and head_compile_ok(head, device)
         return cls(grid, grid_dev, head.time_embeddings(grid_dev[:-1], dtype), settings.sampler, family,
-                   settings.head_loop)
+                   settings.head_loop, compiled=compiled)
 
     @property
     def draws(self) -> int:
         return self.family.draws_needed(len(self.grid) - 1, self.sampler != "euler")
+
+    def for_graph_capture(self) -> "HeadPlan":
+        """This plan without torch.compile (one warning when it had it): a compiled function's first run under
+        CUDA-graph capture is not safe, and the graph already removes the launch overhead compiling cuts."""
+        if not self.compiled:
+            return self
+        warn_once("graph", "compile_head is skipped on the CUDA-graph path (the graph already removes the launch "
+                           "overhead); use fast 'static' or 'eager' to run the compiled head step.")
+        return replace(self, compiled=False)
 
 
 def sample_token(head, c: torch.Tensor, noise: torch.Tensor, plan: HeadPlan, guidance: Guidance) -> torch.Tensor:
@@ -174,8 +187,13 @@ def _fused_loop(head, c, noise, plan: HeadPlan, guidance: Guidance):
     # every noise term of the token scaled at once: c_i ξ_i (the draws after x0, in step order)
     scaled = noise[1:1 + len(coef.c_dev)] * coef.c_dev if coef.c_dev is not None else None
     x = noise[0]
+    if plan.compiled and guidance.branches == 2:  # the scale as a tensor: a float would be baked into the graph
+        w = torch.as_tensor(guidance.cfg, dtype=torch.float32, device=noise.device)
     for i in range(n_eval):
-        v = guidance.combine_rows(head.velocity_fused(x, mods, i, guidance.branches), w)
+        if plan.compiled:  # the step's slices of the modulations: the compiled step never sees the index
+            v = guided_velocity(head, x, [m[i:i + 1] for m in mods], guidance.branches, w, True)
+        else:
+            v = guidance.combine_rows(head.velocity_fused(x, mods, i, guidance.branches), w)
         a, b = coef.a[i], coef.b[i]
         if coef.c[i] != 0.0:
             base = torch.add(scaled[i], x, alpha=a)

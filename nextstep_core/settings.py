@@ -45,6 +45,7 @@ class SamplerSettings:
     noise: str = "independent"  # or "reference": the official pipeline's draws
     fast: str = "auto"  # per-token path: auto, graph, static, eager
     head_loop: str = "fused"  # "fused" (fewest kernels), "hoisted" or "plain" (the per-step reference loop)
+    compile_head: bool = False  # torch.compile the fused head step where it works (compile.py); never required
 
     def replace(self, **changes) -> "SamplerSettings":
         return replace(self, **changes)
@@ -82,6 +83,11 @@ class SamplerSettings:
                 problems.append(f"unknown {name} {value!r}; choose one of {', '.join(a for a in allowed if a)}")
         if not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT:
             problems.append(f"seed must be a whole number from 0 to {SEED_LIMIT - 1}, got {self.seed!r}")
+        if not isinstance(self.compile_head, bool):
+            problems.append(f"compile_head must be True or False, got {self.compile_head!r}")
+        elif self.compile_head and self.head_loop != "fused":
+            problems.append(f"compile_head compiles the fused head loop; use head loop 'fused' with it, not "
+                            f"{self.head_loop!r}")
         if self.steps_end is not None and self.fast in ("graph", "static"):
             problems.append("step annealing (steps_end) changes the head's step count per token, which the "
                             "fixed-shape fast path cannot; use fast 'auto' or 'eager' with it")

@@ -41,6 +41,21 @@ def test_generate_edit(tiny_dir, tmp_path):
     assert Image.open(tmp_path / "e.png").size == (32, 32)
 
 
+def test_head_loop_and_compile_flags_reach_the_settings(tiny_dir, tmp_path, monkeypatch):
+    from nextstep_core import cli as C
+    from nextstep_core import generation
+
+    seen = []
+    real = generation.sample
+    monkeypatch.setattr(generation, "sample", lambda m, c, s, **k: seen.append(s) or real(m, c, s, **k))
+    args = ["generate", "--model", tiny_dir, "--prompt", "x", "--width", "16", "--height", "16", "--steps", "2",
+            "--dtype", "float32", "--head-loop", "plain", "--no-compile-head", "-o", str(tmp_path / "p.png")]
+    assert C.main(args) == 0
+    assert seen[-1].head_loop == "plain" and seen[-1].compile_head is False
+    assert C.main(args[:-5] + ["-o", str(tmp_path / "f.png")]) == 0
+    assert seen[-1].head_loop == "fused"  # the default
+
+
 def test_generate_on_the_builtin_tiny_model(tmp_path):
     r = cli("generate", "--model", "tiny", "--prompt", "x", "--width", "32", "--height", "32", "--steps", "4",
             "--steps-end", "2", "--fast", "eager", "-o", str(tmp_path / "t.png"))
