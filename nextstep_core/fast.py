@@ -175,10 +175,10 @@ class StaticTokenStep:
         if forced is None and self.graph is not None:
             self.graph.replay()
             return self.token
-        keep = None if forced is None else forced[0].to(self.token.device)
-        if keep is None or not bool(keep.all()):
+        if forced is None or not bool(forced[0].all()):  # decided on the host copy: no device sync per token
             self._sample()
-        if keep is not None:
+        if forced is not None:
+            keep = forced[0].to(self.token.device)
             self.token.copy_(torch.where(keep[:, None], forced[1].to(self.token.device, self.token.dtype), self.token))
         if not last:
             self._advance()

@@ -229,8 +229,9 @@ def sample(model, cond: Conditioning, settings: SamplerSettings | None = None, p
         for k in range(plan.total):
             if should_cancel is not None and should_cancel():
                 raise GenerationCancelled(f"cancelled after {k} of {plan.total} tokens")
-            if k <= last_free:
-                tokens[:, k] = stepper.step(k, None if forced is None else (forced[1][:, k], forced[0][:, k]))
+            if k <= last_free:  # a token no image keeps takes the plain step (on CUDA: the captured graph)
+                kept = forced is not None and bool(forced[1][:, k].any())
+                tokens[:, k] = stepper.step(k, (forced[1][:, k], forced[0][:, k]) if kept else None)
             if progress is not None:
                 progress(k + 1, plan.total, tokens if forced is not None else tokens[:, :k + 1])
     tokens = tokens.float().cpu()
