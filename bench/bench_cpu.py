@@ -19,6 +19,8 @@ Sections
   anneal    50 head steps vs step annealing 50 -> 5
   convert   peak RSS of `python -m nextstep_core convert SRC DST --dtype bf16` vs the bf16 weight bytes
   keep      regenerating the bottom half of an image (teacher forcing the top half) vs a whole image
+  pack      dense weights packed for the CPU's matmul (`cpu_pack`, the default) vs plain F.linear, bf16 and fp32:
+            the head alone and the whole generation, and the token difference on the same noise
 """
 from __future__ import annotations
 
@@ -128,6 +130,61 @@ def bench_fast(a, cks, R):
     return out
 
 
+def bench_pack(a, ck, R):
+    import torch
+
+    import nextstep_core as ns
+    from nextstep_core.cpu_pack import unpack_linears
+    from nextstep_core.family import family_of
+    from nextstep_core.sampling import HeadPlan, sample_token
+
+    w, h = a.width, a.height
+    n_tok = (w // 16) * (h // 16)
+    out, rows = {"tokens": n_tok}, []
+    for dtype in ("bfloat16", "float32"):
+        models = {"packed": ns.load_model(ck, dtype=dtype), "plain": ns.load_model(ck, dtype=dtype)}
+        out[dtype] = {"packed_layers": sum(p.is_mkldnn for p in models["packed"].parameters()),
+                      "unpacked_layers": unpack_linears(models["plain"])}
+        cc, noise, guide, settings = head_inputs(models["plain"])
+        with torch.inference_mode():
+            plan = HeadPlan.build(models["plain"].image_head, family_of(models["plain"].config), 50, settings,
+                                  torch.device("cpu"), models["plain"].dtype)
+        heads = {}
+
+        def head(k):
+            def f():
+                with torch.inference_mode():
+                    heads[k] = sample_token(models[k].image_head, cc, noise, plan, guide)
+            return f
+
+        def whole(k):
+            def f():
+                gens[k] = gen(models[k], w, h)
+            return f
+
+        gens = {}
+        for k in models:
+            head(k)()
+            gen(models[k], 16, 16)
+        print(f"  {dtype}: head alone (sample_token, 50 steps, 2 rows), then {w}x{h} ({n_tok} tokens), eager")
+        ht = interleave({f"head {k}": head(k) for k in models}, a.head_reps)
+        gt = interleave({f"gen {k}": whole(k) for k in models}, R)
+        o = out[dtype]
+        for k in models:
+            o[f"head_{k}_s"], o[f"gen_{k}_s"] = summary(ht[f"head {k}"]), summary(gt[f"gen {k}"])
+        o["head_speedup"] = med(ht["head plain"]) / med(ht["head packed"])
+        o["gen_speedup"] = med(gt["gen plain"]) / med(gt["gen packed"])
+        o["head_max_abs"] = max_abs(heads["packed"], heads["plain"])
+        o["tokens_rel_err"] = rel_err(gens["packed"].tokens, gens["plain"].tokens)
+        rows.append([dtype, 1 / med(ht["head plain"]), 1 / med(ht["head packed"]), o["head_speedup"],
+                     n_tok / med(gt["gen plain"]), n_tok / med(gt["gen packed"]), o["gen_speedup"],
+                     o["tokens_rel_err"]])
+        models = None
+    print(table(rows, ["dtype", "head plain tok/s", "head packed tok/s", "head packed/plain", "gen plain tok/s",
+                       "gen packed tok/s", "gen packed/plain", "token rel diff"]))
+    return out
+
+
 def bf16_model(a, ck, note=""):
     """The section's checkpoint in bf16 and its image size: (model, width, height, tokens per image)."""
     import nextstep_core as ns
@@ -218,7 +275,7 @@ def bench_keep(a, ck, R):
 
 # ---------------------------------------------------------------------------------------------------- main
 
-SECTIONS = ("head", "fast", "quant", "batch", "anneal", "convert", "keep")
+SECTIONS = ("head", "fast", "quant", "batch", "anneal", "convert", "keep", "pack")
 
 
 def main(argv=None) -> int:
@@ -273,6 +330,8 @@ def main(argv=None) -> int:
                 results[name] = bench_convert(a, ck, a.cache)
             elif name == "keep":
                 results[name] = bench_keep(a, ck, R)
+            elif name == "pack":
+                results[name] = bench_pack(a, ck, R)
             else:
                 raise ValueError(f"unknown section {name}")
         except Exception as e:  # keep the other sections' numbers
@@ -309,6 +368,10 @@ def main(argv=None) -> int:
         summary_rows.append(["annealed 50->5 / 50 steps speed", r["anneal"]["anneal_speedup"]])
     if "half_over_whole_time" in r.get("keep", {}):
         summary_rows.append(["reroll bottom half / whole image, time", r["keep"]["half_over_whole_time"]])
+    for dtype, o in r.get("pack", {}).items():
+        if isinstance(o, dict) and "gen_speedup" in o:
+            summary_rows += [[f"packed / plain weights, head alone, {dtype}", o["head_speedup"]],
+                             [f"packed / plain weights, whole generation, {dtype}", o["gen_speedup"]]]
     if "vmhwm_over_goal" in r.get("convert", {}):
         summary_rows.append(["converter peak RSS / (1.1 x bf16 + 300 MB)", r["convert"]["vmhwm_over_goal"]])
     if summary_rows:

@@ -61,6 +61,10 @@ def _is_quantised(head) -> bool:
     return any(getattr(m, "weight_scale", None) is not None for m in head.modules())
 
 
+def _is_packed(head) -> bool:
+    return any(getattr(p, "is_mkldnn", False) for p in head.parameters())
+
+
 def head_compile_ok(head, device) -> bool:
     """Whether the head's step should be compiled on `device`; logs why not once."""
     if _broken:  # a compiled step already failed in this process and said so
@@ -68,6 +72,8 @@ def head_compile_ok(head, device) -> bool:
     reason = compile_support(torch.device(device).type)
     if reason is None and _is_quantised(head):
         reason = "the head has quantised layers (they dequantise per token outside the step)"
+    if reason is None and _is_packed(head):  # dynamo cannot trace an opaque packed weight, and need not
+        reason = "the head's weights are packed for the CPU's matmul (cpu_pack), which is faster than compiling it"
     if reason is not None:
         warn_once(reason, f"compile_head: {reason}; the head runs uncompiled (same tokens, no speed-up).")
     return reason is None

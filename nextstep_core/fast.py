@@ -37,9 +37,10 @@ WARMUP_STEPS = 2  # eager steps before capture (they allocate the workspaces out
 
 def step_key(model, plan) -> tuple:
     """What a captured step bakes in: shapes, the head's time grid and sampler, the dtype, and where every weight
-    lives (a host that moves the model off the device and back, as ComfyUI does, gets a fresh capture)."""
+    lives (a host that moves the model off the device and back, as ComfyUI does, gets a fresh capture). A weight
+    packed for the CPU (`cpu_pack`) has no data pointer; it is a new tensor whenever it is packed again."""
     s = plan.settings
-    where = hash(tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers())))
+    where = hash(tuple(id(t) if t.is_mkldnn else t.data_ptr() for t in (*model.parameters(), *model.buffers())))
     return (plan.rows, plan.n_img, plan.branches, plan.prompt_len, plan.h, plan.w, s.steps, s.timesteps_shift,
             s.sampler, s.use_norm, s.head_loop, s.compile_head, plan.family.name, model.dtype, str(model.device), where)
 

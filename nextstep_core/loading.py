@@ -327,6 +327,7 @@ def load_model(path: str, dtype="bfloat16", device=None, operations=None, attn_b
     loading (tensor by tensor, so the unquantised model is never in memory). `dtype` is the compute dtype.
     """
     from .model import NextStep
+    from .cpu_pack import pack_linears
     from .quant import QUANT_FORMATS, QUANT_SUFFIXES, prepare_quantized, quantized_operations, stored_shapes
 
     cfg, src = read_model_config(path, family)
@@ -384,6 +385,7 @@ def load_model(path: str, dtype="bfloat16", device=None, operations=None, attn_b
     model.unexpected_keys = unexpected
     model.quant = quant
     model.fuse_projections()  # q/k/v and gate/up as one matmul each, built once from the published tensors
+    pack_linears(model)  # CPU: dense weights in the matmul's own layout, laid out once instead of per call
     return model.eval().requires_grad_(False)
 
 

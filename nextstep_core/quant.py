@@ -209,6 +209,7 @@ def make_quant_linear(base: type) -> type:
     class QuantLinear(base):
         # set by `prepare`: dense (not quantised), int8_pack, int4_cpu, int4_gpu, fp8_scaled_mm or dequant
         kernel = "dense"
+        host_linear = base
         fmt = None
         compute_dtype = None
 

@@ -5,7 +5,8 @@ import logging
 import pytest
 import torch
 
-from nextstep_core import Conditioning, NextStepError, SamplerSettings, compile as head_compile, sample
+from nextstep_core import Conditioning, NextStepError, SamplerSettings, compile as head_compile, load_model, sample
+from nextstep_core.cpu_pack import packing_works, unpack_linears
 from nextstep_core.family import NEXTSTEP_1
 from nextstep_core.sampling import Guidance, HeadPlan, sample_token
 
@@ -17,6 +18,14 @@ def fresh_compile_state():
     head_compile.reset()
     yield
     head_compile.reset()
+
+
+@pytest.fixture(scope="module")
+def unpacked_model(tiny_dir):
+    """The tiny model with plain dense weights (F.linear), as on a CPU where packing is unavailable."""
+    model = load_model(tiny_dir, dtype="float32")
+    unpack_linears(model)
+    return model
 
 
 def _token(model, compile_head, guidance=Guidance(2, 4.0, 1.0)):
@@ -61,7 +70,8 @@ def test_without_a_compiler_the_head_runs_uncompiled_with_one_warning(tiny_model
     assert torch.equal(tok, _token(tiny_model, False)[1])
 
 
-def test_a_compilation_that_raises_falls_back_to_the_same_token_once(tiny_model, monkeypatch, caplog):
+def test_a_compilation_that_raises_falls_back_to_the_same_token_once(unpacked_model, monkeypatch, caplog):
+    tiny_model = unpacked_model
     monkeypatch.setattr(head_compile, "compile_support", lambda device_type: None)
     calls = []
 
@@ -87,9 +97,20 @@ def test_the_graph_path_runs_the_head_uncompiled():
     assert plan.for_graph_capture().compiled is False and plan.compiled is True
 
 
+@pytest.mark.skipif(not packing_works(torch.float32), reason="this CPU does not pack weights")
+def test_a_head_with_packed_weights_runs_uncompiled_and_says_why(tiny_model, caplog):
+    """Packed weights beat compiling the head on the CPU (bench/RESULTS.md), and dynamo cannot trace them."""
+    with caplog.at_level(logging.WARNING, logger="nextstep"):
+        plan, token = _token(tiny_model, True)
+        _, ref = _token(tiny_model, False)
+    assert plan.compiled is False and "packed for the CPU's matmul" in caplog.text
+    assert torch.equal(token, ref)
+
+
 @pytest.mark.skipif(CPU_COMPILE is not None, reason=f"torch.compile cannot run here: {CPU_COMPILE}")
-def test_the_compiled_head_gives_the_uncompiled_tokens(tiny_model, caplog):
+def test_the_compiled_head_gives_the_uncompiled_tokens(unpacked_model, caplog):
     """One real compilation on the CPU (~10-25 s: inductor builds C++), shared by the eager and static paths."""
+    tiny_model = unpacked_model
     args = dict(width=32, height=16, steps=4, cfg=4.0, seed=11)
     cond = Conditioning(["a red fox"], negative_prompt="blurry")
     ref = sample(tiny_model, cond, SamplerSettings(fast="eager", **args)).tokens
