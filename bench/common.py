@@ -158,13 +158,16 @@ SEED = 1
 def weight_bytes(model, prefix: str = "") -> int:
     """Bytes held by the model's parameters and buffers whose names start with `prefix`, each storage counted once.
 
-    (A packed int4 layer's scale and zero are views into one table, which must not be counted twice.)
+    (A packed int4 layer's scale and zero are views into one table, which must not be counted twice. A weight packed
+    for the CPU's matmul has no storage to ask; it holds its logical size.)
     """
     import itertools
 
     storages = {}
     for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
-        if t is not None and name.startswith(prefix):
+        if t is not None and name.startswith(prefix) and t.is_mkldnn:
+            storages[("packed", name)] = t.numel() * t.element_size()
+        elif t is not None and name.startswith(prefix):
             s = t.untyped_storage()
             storages[s.data_ptr()] = s.nbytes()
     return sum(storages.values())
