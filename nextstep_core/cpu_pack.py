@@ -4,10 +4,10 @@
 of a decode step that repacking is most of the work: on the shared EPYC VM of `bench/RESULTS.md` a 768x768 bf16
 head layer at 2 rows takes 93 µs through `F.linear` and 42 µs from a weight packed once; a 1024x2816 decoder
 projection about 1.5x less. So after loading, `pack_linears` replaces the weight of every plain dense Linear on the
-CPU by its packed form (`torch.ops.mkldnn._reorder_linear_weight`) and the layer multiplies through
-`torch.ops.mkldnn._linear_pointwise`. The packed tensor replaces the dense one (no second copy); `state_dict()`
-still gives the dense tensor under the published key, and a device or dtype move unpacks first, then packs again
-where it lands.
+CPU (in fp32, those big enough to gain) by its packed form (`torch.ops.mkldnn._reorder_linear_weight`), and the
+layer multiplies through `torch.ops.mkldnn._linear_pointwise`. The packed tensor replaces the dense one (no second
+copy); `state_dict()` still gives the dense tensor under the published key, and a device or dtype move unpacks
+first, then packs again where it lands.
 
 Numbers: bf16 products are bit-identical to `F.linear`; fp32 ones differ by summation order only (~1e-7 relative),
 like any two BLAS calls. Whether packing works is probed once per dtype (the op can be missing from a build, or bf16
@@ -30,6 +30,9 @@ log = logging.getLogger("nextstep")
 _ROWS_HINT = 2  # the layout is chosen for a decode step's few rows; it is still correct (and fast) for a prefill
 _X86 = ("x86_64", "amd64", "i686", "x86")
 _TRIM_EVERY = 32 << 20  # bytes packed between handing freed heap pages back to the OS
+# fp32 weights below this many elements stay with F.linear: for them the packed op's fixed cost per call (~15 µs)
+# is more than the re-layout it saves (bench/RESULTS.md: 384x384 packed 0.9x, 512x512 1.3x). bf16 gains at every size.
+MIN_FP32_WEIGHT = 1 << 18
 
 
 def _pack(w: torch.Tensor) -> torch.Tensor:
@@ -71,6 +74,7 @@ def _can_pack(layer: nn.Module) -> bool:
                                  and getattr(layer, "weight_scale", None) is None)
     w = layer.weight
     return plain and w.device.type == "cpu" and not w.requires_grad and packing_works(w.dtype) \
+        and (w.dtype != torch.float32 or w.numel() >= MIN_FP32_WEIGHT) \
         and (layer.bias is None or layer.bias.dtype == w.dtype)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nextstep_core import Conditioning, NextStepError, SamplerSettings, compile as head_compile, load_model, sample
+from nextstep_core import cpu_pack
 from nextstep_core.cpu_pack import packing_works, unpack_linears
 from nextstep_core.family import NEXTSTEP_1
 from nextstep_core.sampling import Guidance, HeadPlan, sample_token
@@ -98,8 +99,10 @@ def test_the_graph_path_runs_the_head_uncompiled():
 
 
 @pytest.mark.skipif(not packing_works(torch.float32), reason="this CPU does not pack weights")
-def test_a_head_with_packed_weights_runs_uncompiled_and_says_why(tiny_model, caplog):
+def test_a_head_with_packed_weights_runs_uncompiled_and_says_why(tiny_dir, monkeypatch, caplog):
     """Packed weights beat compiling the head on the CPU (bench/RESULTS.md), and dynamo cannot trace them."""
+    monkeypatch.setattr(cpu_pack, "MIN_FP32_WEIGHT", 0)  # the tiny layers are below the size fp32 packs from
+    tiny_model = load_model(tiny_dir, dtype="float32")
     with caplog.at_level(logging.WARNING, logger="nextstep"):
         plan, token = _token(tiny_model, True)
         _, ref = _token(tiny_model, False)

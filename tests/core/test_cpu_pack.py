@@ -14,6 +14,21 @@ pytestmark = pytest.mark.skipif(not cpu_pack.packing_works(torch.float32),
 needs_bf16 = pytest.mark.skipif(not cpu_pack.packing_works(torch.bfloat16), reason="no bf16 packing on this CPU")
 
 
+@pytest.fixture(autouse=True)
+def pack_small_fp32_layers_too(monkeypatch):
+    """The tiny test layers are below the fp32 size where packing starts to pay; the mechanics are the same."""
+    monkeypatch.setattr(cpu_pack, "MIN_FP32_WEIGHT", 0)
+
+
+@needs_bf16
+def test_small_fp32_layers_keep_f_linear_and_bf16_ones_are_packed(monkeypatch):
+    monkeypatch.undo()
+    small, big = nn.Linear(384, 384), nn.Linear(512, 512)
+    layers = nn.ModuleList([small, big, nn.Linear(64, 64).bfloat16()]).requires_grad_(False)
+    assert cpu_pack.MIN_FP32_WEIGHT > 384 * 384 and cpu_pack.pack_linears(layers) == 2
+    assert not small.weight.is_mkldnn and big.weight.is_mkldnn
+
+
 def _pair(dtype, bias=True, out_f=96, in_f=64):
     torch.manual_seed(0)
     plain = nn.Linear(in_f, out_f, bias=bias).to(dtype).requires_grad_(False)
