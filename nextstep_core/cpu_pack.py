@@ -73,6 +73,7 @@ def _can_pack(layer: nn.Module) -> bool:
     plain = cls is nn.Linear or (getattr(cls, "host_linear", None) is nn.Linear  # a QuantLinear holding a dense weight
                                  and getattr(layer, "weight_scale", None) is None)
     w = layer.weight
+    # inference weights only: the packed op has no backward
     return plain and w.device.type == "cpu" and not w.requires_grad and packing_works(w.dtype) \
         and (w.dtype != torch.float32 or w.numel() >= MIN_FP32_WEIGHT) \
         and (layer.bias is None or layer.bias.dtype == w.dtype)

@@ -326,8 +326,8 @@ def load_model(path: str, dtype="bfloat16", device=None, operations=None, attn_b
     by `convert` stay so; `quantize="fp8"|"int8"|"int4"` quantises a bf16/fp32 checkpoint the same way while
     loading (tensor by tensor, so the unquantised model is never in memory). `dtype` is the compute dtype.
     """
-    from .model import NextStep
     from .cpu_pack import pack_linears
+    from .model import NextStep
     from .quant import QUANT_FORMATS, QUANT_SUFFIXES, prepare_quantized, quantized_operations, stored_shapes
 
     cfg, src = read_model_config(path, family)
@@ -385,8 +385,9 @@ def load_model(path: str, dtype="bfloat16", device=None, operations=None, attn_b
     model.unexpected_keys = unexpected
     model.quant = quant
     model.fuse_projections()  # q/k/v and gate/up as one matmul each, built once from the published tensors
+    model.eval().requires_grad_(False)
     pack_linears(model)  # CPU: dense weights in the matmul's own layout, laid out once instead of per call
-    return model.eval().requires_grad_(False)
+    return model
 
 
 def _latent_affine(src: Source) -> tuple[float, float]:
