@@ -149,7 +149,7 @@ def bench_pack(a, ck, R):
         with torch.inference_mode():
             plan = HeadPlan.build(models["plain"].image_head, family_of(models["plain"].config), 50, settings,
                                   torch.device("cpu"), models["plain"].dtype)
-        heads = {}
+        heads, gens = {}, {}
 
         def head(k):
             def f():
@@ -162,7 +162,6 @@ def bench_pack(a, ck, R):
                 gens[k] = gen(models[k], w, h)
             return f
 
-        gens = {}
         for k in models:
             head(k)()
             gen(models[k], 16, 16)
