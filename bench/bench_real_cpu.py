@@ -5,8 +5,8 @@
 
 The real model (28 GB in bf16) is too big for this machine's benchmark budget, so a token is built from its parts,
 each one timed at full size with random weights:
-- one decoder layer's projections laid out as the loader lays them out (bf16: merged q/k/v and gate/up, packed for
-  the CPU; int8 / int4: separate layers on their packed kernels), at 2 rows (one image, cfg), times 48;
+- one decoder layer's projections laid out as the loader lays them out (q/k/v and gate/up merged; bf16 packed for
+  the CPU, int8 / int4 on their packed kernels), at 2 rows (one image, cfg), times 48;
 - the real head (12 blocks of 1536) sampling one token, 50 steps, 2 guidance rows (`sample_token`, fused loop), with
   its residual blocks quantised as each format's file stores them (int8: yes; int4: no, the head stays bf16).
 Attention over the KV cache, norms and RoPE are left out: they read no weights, and the weights are what a CPU
@@ -33,24 +33,26 @@ FORMATS = ("bf16", "int8", "int4")
 
 
 def decoder_layer(fmt: str, weights: dict):
-    """The projections of one decoder layer as `fmt` loads them (a list of callables on [2, in] inputs)."""
+    """The projections of one decoder layer as `fmt` loads them: q/k/v and gate/up merged (quantised ones too,
+    before packing), dense bf16 packed for the CPU -> [(name, layer)], each called on [2, in] inputs."""
     import torch
     from torch import nn
 
     from nextstep_core.cpu_pack import pack_linears
 
-    if fmt == "bf16":
-        layers = []
-        for name, parts in [*MERGED.items(), ("o", ("o",)), ("down", ("down",))]:
-            w = torch.cat([weights[p][0] for p in parts])
-            b = torch.cat([weights[p][1] for p in parts]) if weights[parts[0]][1] is not None else None
-            lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
-            lin.weight = nn.Parameter(w, requires_grad=False)
-            lin.bias = None if b is None else nn.Parameter(b, requires_grad=False)
-            layers.append((name, lin))
-        pack_linears(nn.ModuleList(lin for _, lin in layers))
-        return layers
-    return [(name, quant_layer(weights[name][0], fmt, torch.bfloat16)) for name, *_ in SEPARATE]
+    layers = []
+    for name, parts in [*MERGED.items(), ("o", ("o",)), ("down", ("down",))]:
+        w = torch.cat([weights[p][0] for p in parts])
+        if fmt != "bf16":  # every format scales per row, so the merged layer quantises as its parts would
+            layers.append((name, quant_layer(w, fmt, torch.bfloat16)))
+            continue
+        b = torch.cat([weights[p][1] for p in parts]) if weights[parts[0]][1] is not None else None
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
+        lin.weight = nn.Parameter(w, requires_grad=False)
+        lin.bias = None if b is None else nn.Parameter(b, requires_grad=False)
+        layers.append((name, lin))
+    pack_linears(nn.ModuleList(lin for _, lin in layers))
+    return layers
 
 
 def head_for(fmt: str, state: dict):

@@ -375,6 +375,7 @@ def load_model(path: str, dtype="bfloat16", device=None, operations=None, attn_b
 
         set_tensor(model, "gen_pos_embed", sincos_2d_table(cfg.hidden_size, cfg.base_image_grid_size)[None]
                    .to(device, dtype))
+    model.fuse_projections()  # q/k/v and gate/up as one matmul each, built once from the published tensors
     if quant:
         prepare_quantized(model, dtype)  # each layer's kernel for this device (probed once), packed weights
     if load_lm_head and "lm_head.weight" not in src.shapes:
@@ -384,7 +385,6 @@ def load_model(path: str, dtype="bfloat16", device=None, operations=None, attn_b
     model.source_path = src.path
     model.unexpected_keys = unexpected
     model.quant = quant
-    model.fuse_projections()  # q/k/v and gate/up as one matmul each, built once from the published tensors
     model.eval().requires_grad_(False)
     pack_linears(model)  # CPU: dense weights in the matmul's own layout, laid out once instead of per call
     return model

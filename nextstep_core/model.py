@@ -9,8 +9,8 @@ Positions follow the reference exactly: the position of a token is its slot inde
 included; padding only ever shows up in the attention mask.
 
 Per-token speed is mostly the number of kernels a decode step launches, so after loading `fuse_projections()`
-merges q/k/v and gate/up into one matmul each (the published keys are what the files keep; the merged layers are
-built once, of the same layer class); RMSNorm is `F.rms_norm`, RoPE reads a cos/sin table and rotates q and k
+merges q/k/v and gate/up into one matmul each (`merge.py`: the published keys are what the files keep; the merged
+layers are built once, of the same layer class, quantised ones before they are packed); RMSNorm is `F.rms_norm`, RoPE reads a cos/sin table and rotates q and k
 together in three ops, and a single query token attends to grouped K/V heads natively (`attention`).
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch import nn
 from .config import ModelConfig
 from .family import family_of
 from .head import FlowMatchingHead
+from .merge import PublishedKeys
 
 # SDPA reads grouped K/V natively from torch 2.5 on; older torch gets an explicit repeat.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -201,68 +202,6 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class PublishedKeys:
-    """Merges a module's layers `parts` into the layer `merged`, and keeps the published keys: `state_dict()` gives
-    the parts (views of the merged tensors) and `load_state_dict()` takes them, so files and hosts see no change."""
-
-    def __init__(self, module: nn.Module, merged: str, parts: tuple):
-        self.module, self.merged, self.parts = module, merged, parts
-        self.sizes: list[int] = []
-        module._register_state_dict_hook(self._split)
-        module._register_load_state_dict_pre_hook(self._join)
-
-    def fuse(self) -> bool:
-        m = self.module
-        layers = [getattr(m, name) for name in self.parts]
-        merged = merge_linears(layers)
-        if merged is None:
-            return False
-        self.sizes = [layer.weight.shape[0] for layer in layers]
-        for name in self.parts:
-            delattr(m, name)
-        setattr(m, self.merged, merged)
-        return True
-
-    def _split(self, module, state, prefix, _meta):
-        if getattr(module, self.merged) is None:
-            return
-        for suffix in ("weight", "bias"):
-            t = state.pop(f"{prefix}{self.merged}.{suffix}", None)
-            if t is not None:
-                for name, piece in zip(self.parts, t.split(self.sizes)):
-                    state[f"{prefix}{name}.{suffix}"] = piece
-
-    def _join(self, state, prefix, *_args):
-        if getattr(self.module, self.merged) is None:
-            return
-        for suffix in ("weight", "bias"):
-            keys = [f"{prefix}{name}.{suffix}" for name in self.parts]
-            if all(k in state for k in keys):
-                state[f"{prefix}{self.merged}.{suffix}"] = torch.cat([state.pop(k) for k in keys])
-
-
-def merge_linears(parts: list) -> nn.Module | None:
-    """One layer computing cat([p(x) for p in parts], -1), of the parts' own class; None where they cannot merge.
-
-    Only plain float layers merge: a layer with any extra buffer (a quantisation scale, packed weights) keeps its
-    own kernels, since its format decides how it multiplies. The class is kept so a host's layer (ComfyUI's cast /
-    weight-streaming Linear) still runs the merged one; the parts' tensors are released once it is built.
-    """
-    first = parts[0]
-    cls, w0 = type(first), first.weight
-    for p in parts:
-        if type(p) is not cls or any(True for _ in p.buffers()) or p.weight.dtype != w0.dtype \
-                or p.weight.element_size() < 2 or not p.weight.dtype.is_floating_point \
-                or p.weight.device != w0.device or (p.bias is None) != (first.bias is None):
-            return None
-    with torch.device("meta"):
-        merged = cls(w0.shape[1], sum(p.weight.shape[0] for p in parts), bias=first.bias is not None)
-    merged.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
-    if first.bias is not None:
-        merged.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
-    return merged
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, ops, backend: str):
         super().__init__()
@@ -316,7 +255,8 @@ class NextStep(nn.Module):
         self._rope: torch.Tensor | None = None  # `rope_table` rows, grown on demand
 
     def fuse_projections(self) -> int:
-        """Merge q/k/v and gate/up into one matmul each (quantised layers stay apart); returns how many merged."""
+        """Merge q/k/v and gate/up into one matmul each (`merge.py`; quantised ones before their kernel is chosen);
+        returns how many merged."""
         return sum(int(layer.self_attn.fuse()) + int(layer.mlp.fuse()) for layer in self.layers)
 
     def release_step_cache(self) -> None:

@@ -14,7 +14,7 @@ Which layers are quantised is decided when a file is written (`stored_format`): 
 projections and the head's residual blocks; int4 takes the decoder's projections only (int4's error is too large
 for the head, which runs 50 times per token). Embeddings, projectors, norms and the head's other layers stay in
 high precision. A layer int4 cannot take (in_features not a multiple of 128, out_features not of 8) is stored as
-int8 instead.
+int8 instead. q/k/v and gate/up are merged at load (`merge.py`) in the file layout, before `prepare` packs them.
 """
 from __future__ import annotations
 
@@ -237,6 +237,11 @@ def make_quant_linear(base: type) -> type:
                 self.weight = nn.Parameter(quant_int4.pack(self.kernel, self.weight.data), requires_grad=False)
                 self.scales_and_zeros = sz
                 self.weight_scale, self.weight_zero = quant_int4.views(sz)  # no second copy of the table
+
+        @property
+        def row_block(self) -> int:
+            """Rows the weight's packed layouts keep together (merges and state_dict splits happen between them)."""
+            return quant_int4.ROW_TILE if self.weight_zero is not None else 1
 
         def plain_weight(self) -> torch.Tensor:
             """The weight in the file layout, on its device (int4 packed for a kernel: unpacked)."""

@@ -125,27 +125,6 @@ def test_merged_projections_equal_the_separate_ones():
     assert torch.equal(again.layers[1].self_attn.qkv_proj.bias[-len(v_bias):], v_bias + 1)
 
 
-def test_quantised_layers_are_not_merged_and_host_layer_classes_are_kept():
-    from nextstep_core.model import merge_linears
-    from nextstep_core.quant import make_quant_linear, quantize_weight
-
-    class HostLinear(torch.nn.Linear):
-        pass
-
-    parts = [HostLinear(8, 4), HostLinear(8, 6)]
-    merged = merge_linears(parts)
-    x = torch.randn(3, 8)
-    assert type(merged) is HostLinear and merged.weight.shape == (10, 8)
-    assert torch.allclose(merged(x), torch.cat([p(x) for p in parts], -1), atol=1e-6)
-    ql = make_quant_linear(torch.nn.Linear)
-    quant = [ql(8, 4), ql(8, 4)]
-    w, scale = quantize_weight(quant[0].weight.data, "int8")
-    quant[0].weight = torch.nn.Parameter(w, requires_grad=False)
-    quant[0].weight_scale = scale
-    assert merge_linears(quant) is None  # a quantisation scale: its format decides how it multiplies
-    assert merge_linears([torch.nn.Linear(8, 4), HostLinear(8, 4)]) is None
-
-
 def test_rms_norm_is_the_reference_float32_formula():
     """fp32: the reference's formula. bf16: float32 statistics as the reference, the weight applied before the one
     rounding (the reference rounds before and after it), so at most one bf16 step apart."""

@@ -184,9 +184,9 @@ def test_convert_int4_writes_the_device_neutral_layout_and_loads_packed(int4_dir
                                 r.get("layers.0.mlp.up_proj.weight_zero"), torch.float32)
     assert rel(deq, src) < 0.12
     m = ns.load_model(out, dtype="bfloat16")
-    layer = m.layers[0].mlp.up_proj
+    layer = m.layers[0].mlp.gate_up_proj  # gate and up merged at load, then packed as one layer
     assert m.quant == "int4" and layer.kernel == "int4_cpu"
-    assert torch.equal(layer.plain_weight(), w)  # what was packed at load is exactly the file's codes
+    assert torch.equal(layer.plain_weight()[-w.shape[0]:], w)  # what was packed at load is exactly the file's codes
 
 
 def test_an_int4_model_generates_close_to_bf16(int4_dir, tmp_path):
@@ -213,7 +213,7 @@ def test_quantising_to_int4_at_load_equals_convert_then_load(tmp_path, geometry)
         assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k].float(), sb[k].float()), k
     down = a.layers[0].mlp.down_proj
     assert down.fmt == ("int4" if geometry is INT4_GEOMETRY else "int8")
-    assert a.layers[0].mlp.up_proj.fmt == "int4"
+    assert a.layers[0].mlp.gate_up_proj.fmt == "int4"
 
 
 def test_an_int4_file_loads_through_the_fallback_with_the_same_numbers(int4_dir, tmp_path, monkeypatch):
@@ -223,11 +223,12 @@ def test_an_int4_file_loads_through_the_fallback_with_the_same_numbers(int4_dir,
     monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu", _boom)
     plain = ns.load_model(out, dtype="bfloat16")
     monkeypatch.undo()  # the kernel is back, but the fallback model keeps what was decided at its load
-    assert plain.layers[0].mlp.up_proj.kernel == "dequant"
-    # k/v_proj (32 outputs) are below the CPU kernel's 64-row blocks: those two dequantise in both models
+    assert plain.layers[0].mlp.gate_up_proj.kernel == "dequant"
+    # k/v_proj (32 outputs) are below the CPU kernel's 64-row blocks: those two dequantise in both models, and
+    # q/k/v stay apart (32 rows would split a tile of the packed layouts); gate/up merge
     assert [packed.layers[1].get_submodule(n).kernel for n in ("self_attn.q_proj", "self_attn.k_proj")] == \
         ["int4_cpu", "dequant"]
-    for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.down_proj"):
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_up_proj", "mlp.down_proj"):
         lp, lf = packed.layers[1].get_submodule(name), plain.layers[1].get_submodule(name)
         x = torch.randn(2, lp.in_features).bfloat16()
         assert rel(lf(x), lp(x)) < PACKED_BOUND, name

@@ -114,7 +114,7 @@ def test_text_to_image_chain(pack):
 def test_quantised_weight_dtypes(pack, weight_dtype):
     model = node(pack, "NextStepModelLoader").load("NextStep-1.1", weight_dtype, "sdpa", False)[0]
     assert model.module.quant == weight_dtype
-    assert model.module.layers[0].mlp.up_proj.weight.element_size() == 1
+    assert model.module.state_dict()["layers.0.mlp.up_proj.weight"].element_size() == 1
     cond = node(pack, "NextStepTextEncode").encode("a cat", "", "")[0]
     latent = node(pack, "NextStepSampler").sample(model, cond, 1, 32, 32, 1, 3.0, 1.0, "constant", 1.0, 2, "auto",
                                                   False)[0]
