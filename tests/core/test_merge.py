@@ -75,18 +75,24 @@ def tiled_dir(tmp_path_factory):
                                 **TILED)
 
 
-@pytest.mark.parametrize("fmt,kernel", [("int8", "int8_pack"), ("int4", "int4_cpu")])
-def test_a_quantised_model_merges_and_keeps_the_published_tensors(tiled_dir, tmp_path, monkeypatch, fmt, kernel):
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_a_quantised_model_merges_and_keeps_the_published_tensors(tiled_dir, tmp_path, monkeypatch, fmt, device):
+    """On CUDA this checks that int4's packed tiles (8 rows) split at the parts' rows as the CPU's blocks do."""
     path = convert(tiled_dir, str(tmp_path / f"m_{fmt}.safetensors"), fmt)
-    merged = ns.load_model(path, dtype="bfloat16")
+    merged = ns.load_model(path, dtype="bfloat16", device=device)
     monkeypatch.setattr(NextStep, "fuse_projections", lambda self: 0)
-    apart = ns.load_model(path, dtype="bfloat16")
+    apart = ns.load_model(path, dtype="bfloat16", device=device)
     monkeypatch.undo()
+    kernel = apart.layers[0].self_attn.q_proj.kernel  # what this device offers (probed at load)
+    assert device != "cpu" or kernel == {"int8": "int8_pack", "int4": "int4_cpu"}[fmt]
     attn, mlp = merged.layers[0].self_attn, merged.layers[0].mlp
     assert attn.qkv_proj.kernel == kernel and mlp.gate_up_proj.kernel == kernel and not hasattr(attn, "q_proj")
-    assert apart.layers[0].self_attn.q_proj.kernel == kernel
     want = apart.state_dict()
-    for model in (merged, merged.to("cpu")):  # a move unpacks, moves and packs the merged layers again
+    for model in (merged, merged.to(device)):  # a move unpacks, moves and packs the merged layers again
         got = model.state_dict()
         assert got.keys() == want.keys()
         assert all(torch.equal(got[k].float(), want[k].float()) for k in want), fmt
