@@ -114,7 +114,7 @@ def bench_fast(a, cks, R):
         model = ns.load_model(ck, dtype="bfloat16")
         w, h = a.width, a.height
         n_tok = (w // 16) * (h // 16)
-        print(f"  {size}: {w}x{h} ({n_tok} tokens), hoisted head")
+        print(f"  {size}: {w}x{h} ({n_tok} tokens), fused head")
         reps = R if size != "tiny" else max(R, 5)
         t, r = compare(model, w, h, {f"{size} eager": dict(fast="eager"), f"{size} static": dict(fast="static")},
                        reps)

@@ -74,7 +74,7 @@ def bench_quant(a, ck, R, cache, tiny):
             res[k] = gen(models[k], w, h)
         return f
 
-    print(f"  {w}x{h} ({n_tok} tokens), eager, hoisted head")
+    print(f"  {w}x{h} ({n_tok} tokens), eager, fused head")
     t = interleave({k: run(k) for k in models}, R)
     # error vs bf16: velocity on a fixed input, tokens and decoded images on the same noise
     cfg = models["bf16"].config
