@@ -3,6 +3,7 @@
     python bench/bench_ops.py                        # real NextStep-1 geometry on the meta device, bf16
     python bench/bench_ops.py --repo /tmp/before     # the same count for another checkout (e.g. git main @7aa9e5f)
     python bench/bench_ops.py --json out.json
+    python bench/bench_ops.py --quant                # also: ops per decoder layer with bf16 / int8 / int4 weights
 
 Every ATen op the fixed-shape per-token step dispatches on the model's device is counted (`TorchDispatchMode`),
 except views and allocations, which launch no kernel, and host-side work on CPU tensors (the time grid's scalars).
@@ -38,8 +39,9 @@ def _on_device(args, kwargs) -> bool:
 class OpCounter(TorchDispatchMode):
     """Counts dispatched ops that launch a kernel, under a label (`scope`), and the fused functions as one."""
 
-    def __init__(self):
+    def __init__(self, cpu: bool = False):
         super().__init__()
+        self.cpu = cpu  # count CPU tensors' ops too (a model run on the CPU for kernels meta tensors cannot run)
         self.counts = collections.Counter()
         self.by_op = collections.Counter()
         self.scope = "other"
@@ -47,7 +49,8 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if not self.inside_fused and not func.is_view and name not in NO_KERNEL and _on_device(args, kwargs):
+        counted = self.cpu or _on_device(args, kwargs)
+        if not self.inside_fused and not func.is_view and name not in NO_KERNEL and counted:
             self.counts[self.scope] += 1
             self.by_op[name] += 1
         return func(*args, **(kwargs or {}))
@@ -78,9 +81,9 @@ class FusedAsOne(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def count(fn, scopes=()) -> OpCounter:
+def count(fn, scopes=(), cpu: bool = False) -> OpCounter:
     """Run fn() and count its kernel-launching ops; `scopes` = [(module, label)] attribute ops to labels."""
-    counter = OpCounter()
+    counter = OpCounter(cpu)
     hooks = []
     for module, label in scopes:
         def pre(_m, _a, label=label):
@@ -151,11 +154,45 @@ def measure(layers: int, dtype, loop: str, fuse: bool, branches: int) -> dict:
             "top_ops_50_steps": dict(hi.by_op.most_common(12))}
 
 
+def quant_layer_ops(fmts=("bf16", "int8", "int4")) -> dict:
+    """Ops in one decoder layer of a decode step (one token, 2 rows) with each weight format, projections separate
+    and merged. Quantised layers need real kernels, so this runs on the CPU, on a small checkpoint whose projections
+    are whole int4 tiles (q 256, k / v 64, gate / up 256 rows); the ops are those a GPU launches, under the CPU's
+    kernel names (`_weight_int4pack_mm_for_cpu` for `_weight_int4pack_mm`)."""
+    import tempfile
+
+    import nextstep_core as ns
+    from nextstep_core.convert import convert
+    from nextstep_core.model import NextStep
+    from nextstep_core.testing import make_tiny_checkpoint
+
+    out, fuse = {}, NextStep.fuse_projections
+    with tempfile.TemporaryDirectory() as d:
+        ck = make_tiny_checkpoint(os.path.join(d, "ck"), with_vae=False, with_lm_head=False, hidden_size=256,
+                                  intermediate_size=256, head_dim=64, num_key_value_heads=1)
+        for fmt in fmts:
+            path = convert(ck, os.path.join(d, f"{fmt}.safetensors"), fmt)
+            for merged in (False, True):
+                NextStep.fuse_projections = fuse if merged else (lambda self: 0)
+                try:
+                    model = ns.load_model(path, dtype="bfloat16")
+                finally:
+                    NextStep.fuse_projections = fuse
+                cache = model.new_cache(2, 16)
+                with torch.inference_mode():
+                    model.forward_embeds(torch.randn(2, 8, 256).bfloat16(), cache)  # a prompt to attend to
+                    c = count(lambda: model.forward_embeds(torch.randn(2, 1, 256).bfloat16(), cache),
+                              [(model.layers[0], "layer")], cpu=True)
+                out[f"{fmt}/{'merged' if merged else 'separate'}"] = c.counts["layer"]
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repo", help="import nextstep_core from this checkout instead of this one")
     p.add_argument("--layers", type=int, default=48)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--quant", action="store_true", help="also count a decoder layer with int8 / int4 weights (CPU)")
     p.add_argument("--json")
     a = p.parse_args(argv)
     repo = a.repo or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,6 +215,11 @@ def main(argv=None) -> int:
                       f"{r['per_head_step']:>9.1f} {r['per_decoder_layer']:>10.1f} {r['rest_per_token']:>10.1f}")
     default = out.get("fused/merged/2") or out["hoisted/separate/2"]
     print("\ndefault path, 2 rows, most frequent ops:", json.dumps(default["top_ops_50_steps"]))
+    if a.quant:
+        out["quant_layer_ops"] = q = quant_layer_ops()
+        print("\nops per decoder layer, decode step, by weight format (CPU, small checkpoint):")
+        for fmt in ("bf16", "int8", "int4"):
+            print(f"  {fmt:<5} separate {q[fmt + '/separate']:>3}  merged {q[fmt + '/merged']:>3}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)
