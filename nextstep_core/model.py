@@ -10,8 +10,9 @@ included; padding only ever shows up in the attention mask.
 
 Per-token speed is mostly the number of kernels a decode step launches, so after loading `fuse_projections()`
 merges q/k/v and gate/up into one matmul each (`merge.py`: the published keys are what the files keep; the merged
-layers are built once, of the same layer class, quantised ones before they are packed); RMSNorm is `F.rms_norm`, RoPE reads a cos/sin table and rotates q and k
-together in three ops, and a single query token attends to grouped K/V heads natively (`attention`).
+layers are built once, of the same layer class, quantised ones before they are packed); RMSNorm is `F.rms_norm`,
+RoPE reads a cos/sin table and rotates q and k together in three ops, and a single query token attends to grouped
+K/V heads natively (`attention`).
 """
 from __future__ import annotations
 
