@@ -17,7 +17,7 @@ import torch
 
 GROUP = 128
 _CPU_BLOCK = 64  # rows per block of the CPU kernel's layout (see `_cpu_codes`)
-ROW_TILE = _CPU_BLOCK  # rows every layout keeps together: the CPU's 64-row blocks hold CUDA's 8-row tiles whole
+ROW_TILE = _CPU_BLOCK  # rows every layout keeps together: the CPU's 64-row blocks, CUDA's and MPS's 8-row tiles
 _GPU_INNER_K_TILES = 8  # in_features must then be a multiple of 8 * 16 = 128, which GROUP already demands
 
 
