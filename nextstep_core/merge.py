@@ -35,16 +35,13 @@ class PublishedKeys:
         return True
 
     def _split(self, module, state, prefix, _meta):
-        layer = getattr(module, self.merged)
-        if layer is None:
+        if getattr(module, self.merged) is None:
             return
         total = sum(self.sizes)
         for key in [k for k in state if k.startswith(f"{prefix}{self.merged}.")]:
             suffix = key.rsplit(".", 1)[1]
             t = state.pop(key)
-            if suffix == "weight" and any(t.shape[0] * n % total for n in self.sizes):
-                t = layer.plain_weight()  # a packed layout without whole rows per part: split the file layout
-            rows = [t.shape[0] * n // total for n in self.sizes]
+            rows = [t.shape[0] * n // total for n in self.sizes]  # CUDA / MPS int4: one row per 8-row tile
             for name, piece in zip(self.parts, t.split(rows)):
                 state[f"{prefix}{name}.{suffix}"] = piece
 
