@@ -25,9 +25,9 @@ def bench_dtype(ck: str, dtype: str, reps: int) -> dict:
     import torch
 
     import nextstep_core as ns
-    from nextstep_core import compile as head_compile
-    from nextstep_core.family import family_of
-    from nextstep_core.sampling import HeadPlan, sample_token
+    from nextstep_core.generation import compile as head_compile
+    from nextstep_core.model.family import family_of
+    from nextstep_core.generation.sampling import HeadPlan, sample_token
 
     model = ns.load_model(ck, dtype=dtype)
     cc, noise, guide, base = head_inputs(model)  # the same inputs as bench_cpu.py's head section

@@ -4,7 +4,7 @@
     python bench/bench_cpu.py --quick          # smoke run (small checkpoint, few tokens, 1 round)
     python bench/bench_cpu.py --json out.json  # also dump every number
 
-Random-weight checkpoints come from `nextstep_core.testing.make_tiny_checkpoint` and live in a cache folder outside
+Random-weight checkpoints come from `nextstep_core.weights.testing.make_tiny_checkpoint` and live in a cache folder outside
 the repo (`--cache`, default $NEXTSTEP_BENCH_CACHE or <tmp>/nextstep-bench). Variants are interleaved A/B/A/B and
 medians are reported, because the shared CPU is noisy. Peak RSS is VmHWM from /proc/self/status of a fresh
 subprocess per variant (ru_maxrss would carry the parent's peak across exec).
@@ -43,7 +43,7 @@ def head_inputs(model):
     import torch
 
     import nextstep_core as ns
-    from nextstep_core.sampling import Guidance
+    from nextstep_core.generation.sampling import Guidance
 
     cfg = model.config
     g = torch.Generator().manual_seed(123)
@@ -57,8 +57,8 @@ def bench_head(a, ck, R):
     import torch
 
     import nextstep_core as ns
-    from nextstep_core.family import family_of
-    from nextstep_core.sampling import HeadPlan, sample_token
+    from nextstep_core.model.family import family_of
+    from nextstep_core.generation.sampling import HeadPlan, sample_token
 
     loops = ("plain", "hoisted", "fused")
     model = ns.load_model(ck, dtype="bfloat16")
@@ -134,9 +134,9 @@ def bench_pack(a, ck, R):
     import torch
 
     import nextstep_core as ns
-    from nextstep_core.cpu_pack import unpack_linears
-    from nextstep_core.family import family_of
-    from nextstep_core.sampling import HeadPlan, sample_token
+    from nextstep_core.weights.cpu_pack import unpack_linears
+    from nextstep_core.model.family import family_of
+    from nextstep_core.generation.sampling import HeadPlan, sample_token
 
     w, h = a.width, a.height
     n_tok = (w // 16) * (h // 16)

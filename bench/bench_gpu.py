@@ -70,10 +70,10 @@ def build_model(size: str, dev, dtype, tok_dir: str):
     """A NextStep with random weights, materialised on `dev`; its Linear layers accept fp8 weights later."""
     import torch
 
-    from nextstep_core.model import NextStep, sincos_2d_table
-    from nextstep_core.prompt import Tokenizer
-    from nextstep_core.quant import quantized_operations
-    from nextstep_core.testing import tiny_config, write_tokenizer
+    from nextstep_core.model.decoder import NextStep, sincos_2d_table
+    from nextstep_core.weights.tokenizer import Tokenizer
+    from nextstep_core.weights.quant import quantized_operations
+    from nextstep_core.weights.testing import tiny_config, write_tokenizer
 
     cfg = tiny_config(size, vocab_size=QWEN_VOCAB if size == "full" else 320)
     write_tokenizer(tok_dir, cfg.vocab_size)
@@ -107,7 +107,7 @@ def quantize_(model, fmt: str, originals: dict) -> int:
     import torch
     from torch import nn
 
-    from nextstep_core.quant import prepare_quantized, quantized_tensors, should_quantize
+    from nextstep_core.weights.quant import prepare_quantized, quantized_tensors, should_quantize
 
     n = 0
     for name, mod in model.named_modules():
@@ -216,7 +216,7 @@ def quant_layer(w, fmt: str, dtype):
     import torch
     from torch import nn
 
-    from nextstep_core.quant import make_quant_linear, quantized_tensors
+    from nextstep_core.weights.quant import make_quant_linear, quantized_tensors
 
     layer = make_quant_linear(nn.Linear)(w.shape[1], w.shape[0], bias=False, device="meta")
     for k, t in quantized_tensors("layers.0.mlp.up_proj.weight", w, fmt):
@@ -232,7 +232,7 @@ def kernel_bench(dev, dtype, reps: int = 50):
     import torch
     import torch.nn.functional as F
 
-    from nextstep_core.quant import dequantize_weight, quantize_weight
+    from nextstep_core.weights.quant import dequantize_weight, quantize_weight
 
     out = {}
     w = torch.randn(13824, 5120, device=dev, dtype=dtype) / 5120**0.5

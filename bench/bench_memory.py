@@ -52,7 +52,7 @@ def bench_quant(a, ck, R, cache, tiny):
     import torch
 
     import nextstep_core as ns
-    from nextstep_core.convert import convert
+    from nextstep_core.weights.convert import convert
 
     files = {}
     for fmt_ in a.quant_formats.split(","):
@@ -144,7 +144,7 @@ print(json.dumps({"vmhwm": f("VmHWM")}))
 """
 IMPORT_CHILD = r"""
 import json
-import nextstep_core.cli, nextstep_core.convert
+import nextstep_core.frontend.cli, nextstep_core.weights.convert
 for line in open("/proc/self/status"):
     if line.startswith("VmHWM:"):
         print(json.dumps({"vmhwm": int(line.split()[1]) * 1024}))

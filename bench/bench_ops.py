@@ -102,8 +102,8 @@ def count(fn, scopes=(), cpu: bool = False) -> OpCounter:
 
 
 def build(layers: int, dtype: torch.dtype, fuse: bool):
-    from nextstep_core.config import ModelConfig
-    from nextstep_core.model import NextStep
+    from nextstep_core.weights.config import ModelConfig
+    from nextstep_core.model.decoder import NextStep
 
     cfg = ModelConfig(head_dim=128, num_hidden_layers=layers)
     with torch.device("meta"):
@@ -116,7 +116,7 @@ def build(layers: int, dtype: torch.dtype, fuse: bool):
 def settings_for(steps: int, loop: str):
     import dataclasses
 
-    from nextstep_core.settings import SamplerSettings
+    from nextstep_core.generation.settings import SamplerSettings
 
     fields = {f.name for f in dataclasses.fields(SamplerSettings)}
     s = SamplerSettings(steps=steps, cfg=7.5, sampler="euler_maruyama")
@@ -129,9 +129,9 @@ def settings_for(steps: int, loop: str):
 
 def per_token(model, steps: int, loop: str, branches: int, prompt_len: int = 64, total: int = 1024) -> OpCounter:
     """Ops of one token of the fixed-shape step (head loop + feed-back + one decoder step)."""
-    from nextstep_core.family import family_of
-    from nextstep_core.fast import StaticTokenStep
-    from nextstep_core.plan import GenerationPlan
+    from nextstep_core.model.family import family_of
+    from nextstep_core.generation.graph import StaticTokenStep
+    from nextstep_core.generation.plan import GenerationPlan
 
     h = w = int(total ** 0.5)
     plan = GenerationPlan(settings_for(steps, loop).validate(), family_of(model.config), h, w, branches, prompt_len, 1)
@@ -162,9 +162,9 @@ def quant_layer_ops(fmts=("bf16", "int8", "int4")) -> dict:
     import tempfile
 
     import nextstep_core as ns
-    from nextstep_core.convert import convert
-    from nextstep_core.model import NextStep
-    from nextstep_core.testing import make_tiny_checkpoint
+    from nextstep_core.weights.convert import convert
+    from nextstep_core.model.decoder import NextStep
+    from nextstep_core.weights.testing import make_tiny_checkpoint
 
     out, fuse = {}, NextStep.fuse_projections
     with tempfile.TemporaryDirectory() as d:

@@ -38,7 +38,7 @@ def decoder_layer(fmt: str, weights: dict):
     import torch
     from torch import nn
 
-    from nextstep_core.cpu_pack import pack_linears
+    from nextstep_core.weights.cpu_pack import pack_linears
 
     layers = []
     for name, parts in [*MERGED.items(), ("o", ("o",)), ("down", ("down",))]:
@@ -60,9 +60,9 @@ def head_for(fmt: str, state: dict):
     import torch
     from torch import nn
 
-    from nextstep_core.cpu_pack import pack_linears
-    from nextstep_core.head import FlowMatchingHead
-    from nextstep_core.quant import prepare_quantized, quantized_operations, quantized_tensors
+    from nextstep_core.weights.cpu_pack import pack_linears
+    from nextstep_core.model.head import FlowMatchingHead
+    from nextstep_core.weights.quant import prepare_quantized, quantized_operations, quantized_tensors
 
     ops = quantized_operations(fmt) if fmt != "bf16" else nn
     with torch.device("meta"):
@@ -89,9 +89,9 @@ def main(argv=None) -> int:
     import torch
 
     import nextstep_core as ns
-    from nextstep_core.family import NEXTSTEP_1
-    from nextstep_core.head import FlowMatchingHead
-    from nextstep_core.sampling import Guidance, HeadPlan, sample_token
+    from nextstep_core.model.family import NEXTSTEP_1
+    from nextstep_core.model.head import FlowMatchingHead
+    from nextstep_core.generation.sampling import Guidance, HeadPlan, sample_token
 
     torch.manual_seed(0)
     weights = {name: (torch.randn(o, i, dtype=torch.bfloat16) / i**0.5,

@@ -163,7 +163,7 @@ def main(argv=None) -> None:
     p.add_argument("--reference-dir", required=True, help="checkout of github.com/stepfun-ai/NextStep-1")
     p.add_argument("--reference-python", default=sys.executable,
                    help="interpreter with the reference's pins (transformers 4.49, diffusers 0.32)")
-    p.add_argument("--size", default="medium", help="random checkpoint size from nextstep_core.testing")
+    p.add_argument("--size", default="medium", help="random checkpoint size from nextstep_core.weights.testing")
     p.add_argument("--side", type=int, default=256)
     p.add_argument("--steps", type=int, nargs="+", default=[10, 50])
     p.add_argument("--rounds", type=int, default=3)

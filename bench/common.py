@@ -174,7 +174,7 @@ def weight_bytes(model, prefix: str = "") -> int:
 
 
 def checkpoint(cache: str, size: str) -> str:
-    from nextstep_core.testing import make_tiny_checkpoint
+    from nextstep_core.weights.testing import make_tiny_checkpoint
 
     path = os.path.join(cache, f"ckpt-{size}-seed0")
     if not os.path.isfile(os.path.join(path, "vae", "checkpoint.pt")):

@@ -21,7 +21,7 @@ def sdpa_info(model, dev, rows: int = 2, slots: int = 1152) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from nextstep_core.model import attention
+    from nextstep_core.model.decoder import attention
 
     cfg = model.config
     hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim

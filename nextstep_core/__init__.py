@@ -13,19 +13,19 @@ from .errors import CheckpointError, GenerationCancelled, NextStepError
 # Everything else is imported on first use (PEP 562), so that `python -m nextstep_core` reaches its own Ctrl-C
 # handler before torch is imported, and `--help` needs no torch. One row per module: the names it gives.
 _LAZY = {
-    "config": ("FAMILIES", "FAMILY_V1", "FAMILY_V1_1", "ModelConfig", "VAEConfig"),
-    "family": ("Family", "family_of"),
-    "generation": ("Conditioning", "SampleResult", "guidance_branches", "sample", "tokens_to_latents"),
-    "keep": ("TokenInit", "keep_from_mask", "keep_from_noise_mask", "keep_rows"),
-    "images": ("decode_latents", "encode_edit_images", "encode_latents", "read_image"),
-    "memory": ("estimate_memory_bytes",),
-    "loading": ("find_vae_for_model", "load_model", "load_vae"),
-    "model": ("NextStep",),
-    "pipeline": ("GenerationResult", "generate"),
-    "settings": ("CFG_SCHEDULES", "FAST_MODES", "MAX_SIDE", "NOISE_MODES", "SAMPLERS", "SamplerSettings",
+    "weights.config": ("FAMILIES", "FAMILY_V1", "FAMILY_V1_1", "ModelConfig", "VAEConfig"),
+    "model.family": ("Family", "family_of"),
+    "generation.loop": ("Conditioning", "SampleResult", "guidance_branches", "sample", "tokens_to_latents"),
+    "generation.keep": ("TokenInit", "keep_from_mask", "keep_from_noise_mask", "keep_rows"),
+    "frontend.images": ("decode_latents", "encode_edit_images", "encode_latents", "read_image"),
+    "generation.memory": ("estimate_memory_bytes",),
+    "weights.loading": ("find_vae_for_model", "load_model", "load_vae"),
+    "model.decoder": ("NextStep",),
+    "frontend.pipeline": ("GenerationResult", "generate"),
+    "generation.settings": ("CFG_SCHEDULES", "FAST_MODES", "MAX_SIDE", "NOISE_MODES", "SAMPLERS", "SamplerSettings",
                  "default_prompts", "family_defaults"),
-    "devices": ("resolve_device",),
-    "vae": ("AutoEncoder",),
+    "frontend.devices": ("resolve_device",),
+    "model.vae": ("AutoEncoder",),
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}
 

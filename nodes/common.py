@@ -6,7 +6,7 @@ import contextlib
 import torch
 
 from .. import nextstep_core as ns
-from ..nextstep_core.settings import MAX_SIDE, TOKEN_PIXELS  # the engine's limits: one image token is 16x16 px
+from ..nextstep_core.generation.settings import MAX_SIDE, TOKEN_PIXELS  # the engine's limits: one image token is 16x16 px
 from . import comfy_glue as glue
 
 CATEGORY = "NextStep"

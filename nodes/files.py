@@ -11,8 +11,8 @@ import os
 
 import folder_paths
 
-from ..nextstep_core.download import download_repo
-from ..nextstep_core.identify import kind_of_path
+from ..nextstep_core.weights.download import download_repo
+from ..nextstep_core.weights.identify import kind_of_path
 
 FOLDER = "nextstep"
 folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))

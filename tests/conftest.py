@@ -7,7 +7,7 @@ import torch
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> str:
-    from nextstep_core.testing import make_tiny_checkpoint
+    from nextstep_core.weights.testing import make_tiny_checkpoint
 
     return make_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "NextStep-tiny"), size="tiny", seed=0)
 

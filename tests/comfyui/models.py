@@ -8,8 +8,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from nextstep_core import testing
-from nextstep_core.convert import convert
+from nextstep_core.weights import testing
+from nextstep_core.weights.convert import convert
 
 T2I_MODEL = "NextStep-1.1"
 EDIT_MODEL = "NextStep-1-Large-Edit"

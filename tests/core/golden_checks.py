@@ -22,7 +22,7 @@ def assert_same_prompt_ids(golden, case: dict, model, input_sizes=None) -> None:
 
     `input_sizes`: (width, height) of each edit input image; stand-in latents of that size carry the grid."""
     import nextstep_core as ns
-    from nextstep_core.generation import prompt_batch
+    from nextstep_core.generation.loop import prompt_batch
 
     cond = ns.Conditioning(case["captions"], case["positive_prompt"], case["negative_prompt"])
     if input_sizes:

@@ -42,8 +42,8 @@ def test_generate_edit(tiny_dir, tmp_path):
 
 
 def test_head_loop_and_compile_flags_reach_the_settings(tiny_dir, tmp_path, monkeypatch):
-    from nextstep_core import cli as C
-    from nextstep_core import generation
+    from nextstep_core.frontend import cli as C
+    from nextstep_core.generation import loop as generation
 
     seen = []
     real = generation.sample
@@ -103,7 +103,7 @@ def test_offline_repo_id_gives_download_advice(tmp_path):
 @pytest.fixture
 def no_loading(monkeypatch):
     """Fails the test if a model or VAE starts loading: bad input must be refused before that."""
-    from nextstep_core import loading
+    from nextstep_core.weights import loading
 
     def refuse(*a, **k):
         raise AssertionError("weights were read before the input was checked")
@@ -113,7 +113,7 @@ def no_loading(monkeypatch):
 
 
 def run_main(capsys, *argv) -> tuple[int, str, str]:
-    from nextstep_core.cli import main
+    from nextstep_core.frontend.cli import main
 
     code = main(list(argv))
     out, err = capsys.readouterr()

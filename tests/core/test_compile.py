@@ -5,11 +5,12 @@ import logging
 import pytest
 import torch
 
-from nextstep_core import Conditioning, NextStepError, SamplerSettings, compile as head_compile, load_model, sample
-from nextstep_core import cpu_pack
-from nextstep_core.cpu_pack import packing_works, unpack_linears
-from nextstep_core.family import NEXTSTEP_1
-from nextstep_core.sampling import Guidance, HeadPlan, sample_token
+from nextstep_core import Conditioning, NextStepError, SamplerSettings, load_model, sample
+from nextstep_core.generation import compile as head_compile
+from nextstep_core.weights import cpu_pack
+from nextstep_core.weights.cpu_pack import packing_works, unpack_linears
+from nextstep_core.model.family import NEXTSTEP_1
+from nextstep_core.generation.sampling import Guidance, HeadPlan, sample_token
 
 CPU_COMPILE = head_compile.compile_support("cpu")
 

@@ -2,7 +2,7 @@
 file. (Folders, file names and download records: test_family_detection.py.)"""
 import pytest
 
-from nextstep_core.config import FAMILY_V1, FAMILY_V1_1, ModelConfig, model_config_from_dict, vae_config_from_dict
+from nextstep_core.weights.config import FAMILY_V1, FAMILY_V1_1, ModelConfig, model_config_from_dict, vae_config_from_dict
 from nextstep_core.errors import CheckpointError, NextStepError
 
 LARGE = {  # the fields the published NextStep-1-Large config shows (reference notes §2.1)

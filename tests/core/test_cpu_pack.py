@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import nextstep_core as ns
-from nextstep_core import cpu_pack
-from nextstep_core.convert import convert
+from nextstep_core.weights import cpu_pack
+from nextstep_core.weights.convert import convert
 
 pytestmark = pytest.mark.skipif(not cpu_pack.packing_works(torch.float32),
                                 reason="this torch build / CPU cannot pack weights (F.linear is used)")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from nextstep_core.devices import available_devices, resolve_device
+from nextstep_core.frontend.devices import available_devices, resolve_device
 from nextstep_core.errors import NextStepError
 
 

@@ -8,10 +8,10 @@ import sys
 import huggingface_hub
 import pytest
 
-from nextstep_core import download
+from nextstep_core.weights import download
 from nextstep_core.errors import CheckpointError, NextStepError
-from nextstep_core.identify import recorded_repo
-from nextstep_core.testing import write_official_config
+from nextstep_core.weights.identify import recorded_repo
+from nextstep_core.weights.testing import write_official_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -43,7 +43,7 @@ def test_a_download_records_its_repo_for_the_family(hub, tmp_path):
     assert download.download_repo("stepfun-ai/NextStep-1.1", dest) == dest
     assert hub == [dict(repo_id="stepfun-ai/NextStep-1.1", local_dir=dest, allow_patterns=download.allow_patterns())]
     assert recorded_repo(dest) == "stepfun-ai/NextStep-1.1"
-    from nextstep_core.loading import read_model_config
+    from nextstep_core.weights.loading import read_model_config
 
     assert read_model_config(dest)[0].family == "nextstep-1.1"
 

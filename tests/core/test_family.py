@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from nextstep_core.family import NEXTSTEP_1, NEXTSTEP_1_1, family_of, shift_time
+from nextstep_core.model.family import NEXTSTEP_1, NEXTSTEP_1_1, family_of, shift_time
 
 
 def test_v1_grid_is_linspace_to_096_shifted_plus_a_fixed_004_step():

@@ -16,11 +16,11 @@ import pytest
 from PIL import Image
 
 from nextstep_core import load_model
-from nextstep_core.convert import convert
-from nextstep_core.download import record_download
-from nextstep_core.info import describe
-from nextstep_core.loading import read_model_config
-from nextstep_core.testing import write_official_config
+from nextstep_core.weights.convert import convert
+from nextstep_core.weights.download import record_download
+from nextstep_core.frontend.info import describe
+from nextstep_core.weights.loading import read_model_config
+from nextstep_core.weights.testing import write_official_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GOLDEN = os.path.join(ROOT, "tests", "core", "golden")

@@ -22,7 +22,7 @@ def test_static_path_equals_the_eager_loop(tiny_model, kwargs):
 
 
 def test_static_path_with_gen_pos_embed_and_editing(tmp_path, tiny_vae):
-    from nextstep_core.testing import make_tiny_checkpoint
+    from nextstep_core.weights.testing import make_tiny_checkpoint
 
     d = make_tiny_checkpoint(str(tmp_path / "pe"), family="nextstep-1.1", use_gen_pos_embed=True,
                              base_image_grid_size=4, with_vae=False)
@@ -58,7 +58,7 @@ def test_fast_mode_errors(tiny_model):
 
 
 def test_step_annealing_runs_fewer_head_steps_later(tiny_model, monkeypatch):
-    import nextstep_core.generation as G
+    import nextstep_core.generation.loop as G
 
     used = []
     real = G.sample_token
@@ -91,7 +91,7 @@ def test_cuda_graph_equals_eager_on_the_same_noise(tiny_dir):
 
 
 def test_step_annealing_keeps_the_noise_stream_of_the_plain_run(tiny_model, monkeypatch):
-    import nextstep_core.generation as G
+    import nextstep_core.generation.loop as G
 
     seen = {}
     real = G.sample_token
@@ -110,7 +110,7 @@ def test_a_failed_graph_capture_falls_back_to_the_same_results(tiny_model, monke
     """Where a driver cannot capture, the step runs uncaptured with identical state (simulated on the CPU)."""
     import logging
 
-    from nextstep_core import fast
+    from nextstep_core.generation import graph as fast
 
     def broken_capture(self):
         self._step()  # the warm-up had already advanced the state when capture failed
@@ -130,7 +130,7 @@ def test_a_failed_graph_capture_falls_back_to_the_same_results(tiny_model, monke
 @pytest.mark.parametrize("size", [(16, 16), (16, 32), (32, 16)])
 def test_one_and_two_token_images_on_the_static_path(tiny_model, size):
     """The fixed-shape cache has room for the warm-up steps and the last token's feed-back (no write past its end)."""
-    from nextstep_core.fast import cache_slots
+    from nextstep_core.generation.graph import cache_slots
 
     w, h = size
     args = dict(width=w, height=h, steps=3, seed=4, cfg=2.0, images_per_prompt=2)
@@ -174,7 +174,7 @@ def test_the_fixed_shape_step_is_kept_and_reused_for_the_same_shape(tiny_model):
 
 
 def test_noise_of_a_long_image_is_staged_in_chunks_with_the_same_stream(tiny_model, monkeypatch):
-    from nextstep_core import fast
+    from nextstep_core.generation import graph as fast
 
     monkeypatch.setattr(fast, "NOISE_CHUNK", 3)
     args = dict(width=64, height=48, steps=2, seed=6, cfg=2.0)  # 12 tokens: 4 chunks

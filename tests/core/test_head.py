@@ -1,7 +1,7 @@
 """The flow-matching head: the hoisted and fused AdaLN forms equal the plain per-step form."""
 import torch
 
-from nextstep_core.head import timestep_sinusoid
+from nextstep_core.model.head import timestep_sinusoid
 
 
 def test_timestep_embedding_is_cos_then_sin_of_unscaled_t():

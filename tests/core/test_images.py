@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from nextstep_core.errors import NextStepError
-from nextstep_core.images import prepare_edit_images, read_image, to_pixels
+from nextstep_core.frontend.images import prepare_edit_images, read_image, to_pixels
 
 
 def px(image) -> np.ndarray:

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import nextstep_core as ns
-import nextstep_core.generation as G
+import nextstep_core.generation.loop as G
 from nextstep_core import Conditioning, NextStepError, SamplerSettings, TokenInit, keep_from_mask, keep_rows, sample
 
 # 64x48 pixels: a 3-row x 4-column token grid
@@ -36,7 +36,7 @@ def test_keep_everything_returns_the_init_tokens_and_never_runs_the_head(tiny_mo
 @pytest.mark.parametrize("family", ["nextstep-1", "nextstep-1.1"])
 @pytest.mark.parametrize("fast", ["eager", "static"])
 def test_rerolling_the_bottom_with_the_same_seed_reproduces_the_image_bit_for_bit(tmp_path, family, fast):
-    from nextstep_core.testing import make_tiny_checkpoint
+    from nextstep_core.weights.testing import make_tiny_checkpoint
 
     model = ns.load_model(make_tiny_checkpoint(str(tmp_path / family), family=family, with_vae=False),
                           dtype="float32")

@@ -10,8 +10,8 @@ from PIL import Image
 
 from nextstep_core import (Conditioning, NextStepError, SamplerSettings, TokenInit, encode_edit_images,
                            encode_latents, keep_from_noise_mask, keep_rows, sample)
-from nextstep_core.prompt import patchify
-from nextstep_core.keep_inputs import check_keep_inputs
+from nextstep_core.generation.prompt import patchify
+from nextstep_core.frontend.keep_inputs import check_keep_inputs
 from tests.core.test_cli import cli
 
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from nextstep_core import load_model, load_vae
 from nextstep_core.errors import CheckpointError, NextStepError
-from nextstep_core.loading import check_dtype_supported, parse_dtype
+from nextstep_core.weights.loading import check_dtype_supported, parse_dtype
 
 
 def _file_state(folder):
@@ -51,7 +51,7 @@ def test_lm_head_on_request(tiny_dir):
 
 
 def test_single_file_round_trip(tiny_dir, tmp_path):
-    from nextstep_core.convert import convert
+    from nextstep_core.weights.convert import convert
 
     out = convert(tiny_dir, str(tmp_path / "one.safetensors"), "fp32")
     a, b = load_model(tiny_dir, dtype="float32"), load_model(out, dtype="float32")
@@ -120,7 +120,7 @@ def test_vae_in_the_model_slot(tiny_dir):
 
 
 def test_model_in_the_vae_slot(tiny_dir, tmp_path):
-    from nextstep_core.convert import convert
+    from nextstep_core.weights.convert import convert
 
     with pytest.raises(CheckpointError, match="is the NextStep AR model, not its VAE"):
         load_vae(tiny_dir)
@@ -130,7 +130,7 @@ def test_model_in_the_vae_slot(tiny_dir, tmp_path):
 
 
 def test_vae_file_in_the_model_slot(tiny_dir, tmp_path):
-    from nextstep_core.convert import convert
+    from nextstep_core.weights.convert import convert
 
     f = convert(tiny_dir + "/vae", str(tmp_path / "vae.safetensors"))
     with pytest.raises(CheckpointError, match="is a VAE"):

@@ -21,7 +21,7 @@ PROBE = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def medium_dir(tmp_path_factory):
-    from nextstep_core.testing import make_tiny_checkpoint
+    from nextstep_core.weights.testing import make_tiny_checkpoint
 
     return make_tiny_checkpoint(str(tmp_path_factory.mktemp("medium")), size="medium", with_vae=False,
                                 with_lm_head=False)

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import nextstep_core as ns
-import nextstep_core.quant as Q
-from nextstep_core.convert import convert
-from nextstep_core.merge import merge_linears
-from nextstep_core.model import NextStep
+import nextstep_core.weights.quant as Q
+from nextstep_core.weights.convert import convert
+from nextstep_core.model.merge import merge_linears
+from nextstep_core.model.decoder import NextStep
 
 # every decoder projection a whole number of int4's 64-row tiles: q 256, k / v 64 (4 heads, 1 kv head of 64)
 TILED = dict(hidden_size=256, intermediate_size=256, head_dim=64, num_key_value_heads=1)
@@ -69,7 +69,7 @@ def test_quantised_parts_that_cannot_share_a_layout_stay_apart():
 
 @pytest.fixture(scope="module")
 def tiled_dir(tmp_path_factory):
-    from nextstep_core.testing import make_tiny_checkpoint
+    from nextstep_core.weights.testing import make_tiny_checkpoint
 
     return make_tiny_checkpoint(str(tmp_path_factory.mktemp("ck") / "tiled"), with_vae=False, with_lm_head=False,
                                 **TILED)

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from nextstep_core.model import KVCache, NextStep, rope_cos_sin
-from nextstep_core.testing import random_model_state, tiny_config
+from nextstep_core.model.decoder import KVCache, NextStep, rope_cos_sin
+from nextstep_core.weights.testing import random_model_state, tiny_config
 
 
 def _model(**over):
@@ -71,7 +71,7 @@ def test_rope_is_rotate_half_with_float32_angles():
 
 
 def test_grouped_query_attention_matches_repeated_heads():
-    from nextstep_core.model import attention
+    from nextstep_core.model.decoder import attention
 
     torch.manual_seed(4)
     q, k, v = torch.randn(2, 8, 3, 16), torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)
@@ -80,7 +80,7 @@ def test_grouped_query_attention_matches_repeated_heads():
 
 
 def test_kv_cache_size_formula_matches_the_real_model():
-    from nextstep_core.config import ModelConfig
+    from nextstep_core.weights.config import ModelConfig
 
     assert KVCache.bytes_per_token(ModelConfig(head_dim=128), torch.bfloat16) == 196608  # 192 KiB per token and row
 
@@ -128,7 +128,7 @@ def test_merged_projections_equal_the_separate_ones():
 def test_rms_norm_is_the_reference_float32_formula():
     """fp32: the reference's formula. bf16: float32 statistics as the reference, the weight applied before the one
     rounding (the reference rounds before and after it), so at most one bf16 step apart."""
-    from nextstep_core.model import RMSNorm
+    from nextstep_core.model.decoder import RMSNorm
 
     torch.manual_seed(6)
     norm = RMSNorm(64, 1e-5)
@@ -144,7 +144,7 @@ def test_rms_norm_is_the_reference_float32_formula():
 
 
 def test_table_rope_equals_rotate_half():
-    from nextstep_core.model import apply_rope, rope, rope_table
+    from nextstep_core.model.decoder import apply_rope, rope, rope_table
 
     torch.manual_seed(7)
     x = torch.randn(2, 3, 5, 16)  # [B, S, H, D]
@@ -158,7 +158,7 @@ def test_table_rope_equals_rotate_half():
 @pytest.mark.parametrize("masked", [False, True])
 def test_single_token_grouped_attention_equals_repeated_heads(masked):
     """One query token: the group's heads become query rows against their K/V head (no repeat, no math fallback)."""
-    from nextstep_core.model import attention
+    from nextstep_core.model.decoder import attention
 
     torch.manual_seed(8)
     q, k, v = torch.randn(3, 8, 1, 16), torch.randn(3, 2, 11, 16), torch.randn(3, 2, 11, 16)

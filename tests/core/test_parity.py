@@ -25,7 +25,7 @@ def golden():
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from nextstep_core.testing import make_tiny_checkpoint
+    from nextstep_core.weights.testing import make_tiny_checkpoint
 
     d = make_tiny_checkpoint(str(tmp_path_factory.mktemp("golden") / "ckpt"), size="tiny", seed=0)
     return ns.load_model(d, dtype="float32"), ns.load_vae(d + "/vae")

@@ -28,7 +28,7 @@ from PIL import Image
 
 import nextstep_core as ns
 from tests.core.golden_checks import assert_matches_golden, assert_same_prompt_ids, settings_of
-from nextstep_core import generation
+from nextstep_core.generation import loop as generation
 
 HERE = os.path.join(os.path.dirname(__file__), "golden")
 CASES = json.load(open(os.path.join(HERE, "cases_v11.json")))
@@ -43,7 +43,7 @@ def golden():
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """The tiny 1.1 checkpoint, and the same with a tokenizer that has a BOS token (for the BOS case)."""
-    from nextstep_core.testing import make_tiny_checkpoint
+    from nextstep_core.weights.testing import make_tiny_checkpoint
 
     cache = {}
 
@@ -112,8 +112,8 @@ def test_same_rows_token_ids_and_padding(checkpoints, golden, case):
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_guidance_schedule_and_noise_shape(golden, case):
-    from nextstep_core.family import NEXTSTEP_1_1
-    from nextstep_core.sampling import cfg_at
+    from nextstep_core.model.family import NEXTSTEP_1_1
+    from nextstep_core.generation.sampling import cfg_at
 
     n = case["name"]
     noise = golden[f"{n}/noise"]

@@ -5,9 +5,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from nextstep_core.config import FAMILY_V1, FAMILY_V1_1
-from nextstep_core.prompt import (Tokenizer, build_rows, image_string, patchify, prefix_ids, tokenize_rows,
-                                  unpatchify)
+from nextstep_core.weights.config import FAMILY_V1, FAMILY_V1_1
+from nextstep_core.generation.prompt import build_rows, image_string, patchify, prefix_ids, tokenize_rows, unpatchify
+from nextstep_core.weights.tokenizer import Tokenizer
 
 
 @pytest.mark.parametrize("c,h,w,p", [(16, 8, 8, 2), (16, 4, 12, 2), (3, 6, 2, 1), (4, 9, 6, 3)])
@@ -37,7 +37,7 @@ def test_bos_rule_strips_the_prefix_and_prepends_for_1_1(tiny_dir):
     cfg_dict = json.load(open(tiny_dir + "/tokenizer_config.json"))
     cfg_dict["bos_token"] = "<|endoftext|>"
     tok = Tokenizer(open(tiny_dir + "/tokenizer.json").read(), cfg_dict)
-    from nextstep_core.loading import load_model
+    from nextstep_core.weights.loading import load_model
 
     cfg = load_model(tiny_dir, dtype="float32").config
     # a tokenizer that does not auto-add BOS: the reference strips <|image_area|> itself (its H2 state)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import nextstep_core as ns
-from nextstep_core.convert import TensorReader, convert
-from nextstep_core.quant import dequantize_weight, quantize_weight, should_quantize
+from nextstep_core.weights.convert import TensorReader, convert
+from nextstep_core.weights.quant import dequantize_weight, quantize_weight, should_quantize
 
 
 @pytest.mark.parametrize("fmt,tol", [("fp8", 0.07), ("int8", 0.01)])
@@ -51,7 +51,7 @@ def test_quantised_model_generates_close_to_the_original(tiny_dir, tmp_path, fmt
 
 
 def test_quantised_weights_take_about_half_the_memory_of_bf16(tmp_path):
-    from nextstep_core.testing import make_tiny_checkpoint
+    from nextstep_core.weights.testing import make_tiny_checkpoint
 
     d = make_tiny_checkpoint(str(tmp_path / "small"), size="small", with_vae=False, with_lm_head=False)
     bf16 = ns.load_model(convert(d, str(tmp_path / "b.safetensors"), "bf16"), dtype="bfloat16")
@@ -77,7 +77,7 @@ def test_convert_refuses_requantising(tiny_dir, tmp_path):
 
 def test_fp8_matmul_path_matches_the_dequantised_product():
     """The hardware fp8 path (used on CUDA 8.9+) computes what the dequantising path computes, to fp8 accuracy."""
-    from nextstep_core.quant import fp8_linear
+    from nextstep_core.weights.quant import fp8_linear
 
     torch.manual_seed(0)
     w, x, b = torch.randn(48, 128), torch.randn(5, 1, 128).bfloat16(), torch.randn(48)
@@ -105,7 +105,7 @@ def test_quantising_at_load_time_equals_a_converted_file(tiny_dir, tmp_path, fmt
 
 
 def test_head_layers_without_a_packed_kernel_are_expanded_once_per_block_and_released(tiny_dir):
-    import nextstep_core.quant as Q
+    import nextstep_core.weights.quant as Q
 
     m = ns.load_model(tiny_dir, dtype="float32", quantize="fp8")  # fp8 on a CPU: no packed kernel, dequantised
     head = m.image_head
@@ -122,7 +122,7 @@ def test_head_layers_without_a_packed_kernel_are_expanded_once_per_block_and_rel
 
 
 def test_fp8_on_an_apple_gpu_is_refused_with_advice(tiny_dir, monkeypatch):
-    import nextstep_core.loading as L
+    import nextstep_core.weights.loading as L
 
     monkeypatch.setattr(L, "check_dtype_supported", lambda dtype, device: None)  # no MPS device here
     with pytest.raises(ns.NextStepError, match="MPS.*fp8.*int8"):

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 import nextstep_core as ns
-import nextstep_core.quant as Q
-from nextstep_core import quant_int4
-from nextstep_core.convert import TensorReader, convert
+import nextstep_core.weights.quant as Q
+from nextstep_core.weights import quant_int4
+from nextstep_core.weights.convert import TensorReader, convert
 
 # bf16 activations and outputs: the packed products and the dequantised reference differ by bf16 round-off only
 PACKED_BOUND = 1e-2
@@ -25,7 +25,7 @@ def _fresh_probes():
 
 @pytest.fixture(scope="module")
 def int4_dir(tmp_path_factory):
-    from nextstep_core.testing import make_tiny_checkpoint
+    from nextstep_core.weights.testing import make_tiny_checkpoint
 
     return make_tiny_checkpoint(str(tmp_path_factory.mktemp("ck") / "int4able"), with_lm_head=False, **INT4_GEOMETRY)
 
@@ -202,7 +202,7 @@ def test_an_int4_model_generates_close_to_bf16(int4_dir, tmp_path):
 
 @pytest.mark.parametrize("geometry", [INT4_GEOMETRY, MIXED_GEOMETRY], ids=["all-int4", "down-proj-int8"])
 def test_quantising_to_int4_at_load_equals_convert_then_load(tmp_path, geometry):
-    from nextstep_core.testing import make_tiny_checkpoint
+    from nextstep_core.weights.testing import make_tiny_checkpoint
 
     d = make_tiny_checkpoint(str(tmp_path / "ck"), with_vae=False, with_lm_head=False, **geometry)
     a = ns.load_model(d, dtype="bfloat16", quantize="int4")
@@ -242,7 +242,7 @@ def _boom(*args, **kwargs):
 
 
 def test_info_describes_an_int4_file_with_the_unquantised_parameter_count(int4_dir, tmp_path):
-    from nextstep_core.info import describe
+    from nextstep_core.frontend.info import describe
 
     out = convert(int4_dir, str(tmp_path / "m_int4.safetensors"), "int4")
     text, original = describe(out), describe(int4_dir)

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from nextstep_core.family import NEXTSTEP_1 as FAMILY_V1, NEXTSTEP_1_1 as FAMILY_V1_1
-from nextstep_core.sampling import Guidance, HeadPlan, cfg_at, sample_token
+from nextstep_core.model.family import NEXTSTEP_1 as FAMILY_V1, NEXTSTEP_1_1 as FAMILY_V1_1
+from nextstep_core.generation.sampling import Guidance, HeadPlan, cfg_at, sample_token
 
 
 def test_cfg_schedules():
@@ -46,7 +46,7 @@ def test_euler_with_constant_velocity_moves_by_v_times_the_time_span():
 
 def test_flow_sde_first_step_matches_the_1_1_formula():
     """At t=0 with shift 1, NextStep-1.1's SDE gives x <- 0.68 x + v/N + 0.8 xi."""
-    from nextstep_core.sampling import _update
+    from nextstep_core.generation.sampling import _update
 
     n = 28
 
@@ -57,7 +57,7 @@ def test_flow_sde_first_step_matches_the_1_1_formula():
 
 
 def test_cps_last_step_returns_the_data_estimate():
-    from nextstep_core.sampling import _update
+    from nextstep_core.generation.sampling import _update
 
     x, v = torch.randn(2, 4), torch.randn(2, 4)
     out = _update("flow_cps", x, v, 1, torch.tensor([0.0, 0.9, 1.0]), torch.randn(2, 4))
@@ -69,7 +69,7 @@ def test_cps_last_step_returns_the_data_estimate():
 @pytest.mark.parametrize("guidance", [Guidance(1, 1.0, 1.0), Guidance(2, 4.0, 1.0), Guidance(3, 4.0, 2.0),
                                       Guidance(3, 1.0, 2.5)], ids=["1row", "2rows", "3rows", "3rows-cfg1"])
 def test_fused_and_hoisted_loops_equal_the_plain_loop_on_the_same_noise(tiny_model, family, sampler, guidance):
-    from nextstep_core.settings import SamplerSettings
+    from nextstep_core.generation.settings import SamplerSettings
 
     head, images = tiny_model.image_head, 2
     g = torch.Generator().manual_seed(7)
@@ -88,7 +88,7 @@ def test_fused_and_hoisted_loops_equal_the_plain_loop_on_the_same_noise(tiny_mod
 
 def test_step_coefficients_are_the_update_rules_in_closed_form():
     """x' = a x + b v + c xi: e.g. the reference SDE at t has a = 1 - dt (1-t)/d, b = dt (1 + t (1-t)/d), c = ..."""
-    from nextstep_core.sampling import StepCoefficients
+    from nextstep_core.generation.sampling import StepCoefficients
 
     grid = FAMILY_V1.time_grid(5, 1.0)
     coef = StepCoefficients.build(grid, "euler_maruyama", FAMILY_V1, "cpu")
@@ -103,7 +103,7 @@ def test_step_coefficients_are_the_update_rules_in_closed_form():
 
 def test_an_unknown_head_loop_is_refused():
     from nextstep_core import NextStepError
-    from nextstep_core.settings import SamplerSettings
+    from nextstep_core.generation.settings import SamplerSettings
 
     with pytest.raises(NextStepError, match="unknown head loop 'turbo'"):
         SamplerSettings(head_loop="turbo").validate()

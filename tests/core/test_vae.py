@@ -6,7 +6,7 @@ import torch
 
 from nextstep_core import load_vae
 from nextstep_core.errors import CheckpointError
-from nextstep_core.vae import group_layer_norm
+from nextstep_core.model.vae import group_layer_norm
 
 
 def test_encode_decode_shapes(tiny_vae):

@@ -115,7 +115,7 @@ def _comfy(rec: Recorder):
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory):
-    from nextstep_core import testing
+    from nextstep_core.weights import testing
 
     root = tmp_path_factory.mktemp("models")
     testing.make_tiny_checkpoint(str(root / "nextstep" / "NextStep-1.1"), size="tiny", seed=0, family="nextstep-1.1")

@@ -38,7 +38,7 @@ def hub(monkeypatch, tiny_dir, tmp_path):
     an official-style config (no family key), or just its vae/ for a subfolder download."""
     import folder_paths
 
-    from nextstep_core.testing import write_official_config
+    from nextstep_core.weights.testing import write_official_config
 
     folder_paths.folder_names_and_paths["nextstep"][0].insert(0, str(tmp_path / "nextstep"))
     calls = []
@@ -73,7 +73,7 @@ def test_download_goes_through_the_engine_and_records_the_repo(pack, hub):
 
 
 def test_a_vae_file_in_the_model_slot_is_named_as_such(pack, models_dir, tiny_dir):
-    from nextstep_core.convert import convert
+    from nextstep_core.weights.convert import convert
 
     f = models_dir / "diffusion_models" / "ae.safetensors"
     convert(os.path.join(tiny_dir, "vae"), str(f))
@@ -95,7 +95,7 @@ def test_display_names_come_from_each_class_title(pack):
 
 
 def test_sizes_use_the_engine_limits(pack):
-    from nextstep_core.settings import MAX_SIDE, TOKEN_PIXELS
+    from nextstep_core.generation.settings import MAX_SIDE, TOKEN_PIXELS
 
     width = pack[0].NODE_CLASS_MAPPINGS["NextStepSampler"].INPUT_TYPES()["required"]["width"][1]
     assert (width["min"], width["max"], width["step"]) == (TOKEN_PIXELS, MAX_SIDE, TOKEN_PIXELS)

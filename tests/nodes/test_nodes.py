@@ -37,7 +37,7 @@ def test_model_and_vae_lists(pack, models_dir):
 def test_extra_model_paths_are_searched(pack, tmp_path):
     import folder_paths
 
-    from nextstep_core import testing
+    from nextstep_core.weights import testing
 
     testing.write_vae(str(tmp_path / "elsewhere" / "my-vae"))
     folder_paths.add_model_folder_path("nextstep", str(tmp_path / "elsewhere"))

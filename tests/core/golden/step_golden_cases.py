@@ -38,7 +38,7 @@ CASES = {
 
 def _model(family: str, extras: dict, tmp: str):
     import nextstep_core as ns
-    from nextstep_core.testing import make_tiny_checkpoint
+    from nextstep_core.weights.testing import make_tiny_checkpoint
 
     name = f"{family}-{'-'.join(f'{k}{v}' for k, v in sorted(extras.items()))}"
     path = os.path.join(tmp, name)

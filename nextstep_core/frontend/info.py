@@ -5,9 +5,9 @@ import os
 
 import torch
 
-from .errors import CheckpointError
-from .identify import AUTO, OVERRIDE_HINT, VAE, kind_of_path
-from .loading import _vae_files, check_keys, expected_shapes, load_tokenizer, read_model_config
+from ..errors import CheckpointError
+from ..weights.identify import AUTO, OVERRIDE_HINT, VAE, kind_of_path
+from ..weights.loading import _vae_files, check_keys, expected_shapes, load_tokenizer, read_model_config
 
 
 def _gib(n: int) -> str:
@@ -23,8 +23,8 @@ def describe(path: str, family: str | None = AUTO) -> str:
 
 
 def _describe_model(path: str, family: str | None) -> str:
-    from .model import NextStep
-    from .quant import QUANT_SUFFIXES, stored_shapes
+    from ..model.decoder import NextStep
+    from ..weights.quant import QUANT_SUFFIXES, stored_shapes
 
     cfg, src = read_model_config(path, family)
     tok = load_tokenizer(src)
@@ -61,13 +61,13 @@ def _describe_model(path: str, family: str | None) -> str:
 
 
 def _describe_vae(path: str) -> str:
-    from .vae import AutoEncoder
+    from ..model.vae import AutoEncoder
 
     cfg, state, src = _vae_files(path)
     with torch.device("meta"):
         expected = expected_shapes(AutoEncoder(cfg))
     if state is not None:
-        from .loading import Source
+        from ..weights.loading import Source
 
         src = Source(path, "folder", {k: path for k in state}, {k: tuple(v.shape) for k, v in state.items()}, {})
     unexpected = check_keys(expected, src, "VAE")

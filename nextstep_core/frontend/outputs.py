@@ -10,7 +10,7 @@ import io
 import os
 import tempfile
 
-from .errors import NextStepError
+from ..errors import NextStepError
 
 DEFAULT_IMAGE_EXT = ".png"
 

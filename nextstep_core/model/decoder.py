@@ -16,14 +16,18 @@ K/V heads natively (`attention`).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
 from .family import family_of
 from .head import FlowMatchingHead
 from .merge import PublishedKeys
+
+if TYPE_CHECKING:
+    from ..weights.config import ModelConfig
 
 # SDPA reads grouped K/V natively from torch 2.5 on; older torch gets an explicit repeat.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .family import Family
+from ..model.family import Family
 from .sampling import HeadPlan, cfg_at
 from .settings import SamplerSettings
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from .errors import NextStepError
-from .family import family_of
+from ..errors import NextStepError
+from ..model.family import family_of
 
 SAMPLERS = ("euler_maruyama", "euler", "flow_sde", "flow_cps")
 CFG_SCHEDULES = ("constant", "linear")

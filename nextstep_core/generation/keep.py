@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import NextStepError
+from ..errors import NextStepError
 from .prompt import patchify
 
 

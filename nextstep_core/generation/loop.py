@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import GenerationCancelled, NextStepError
-from .family import family_of
+from ..errors import GenerationCancelled, NextStepError
+from ..model.family import family_of
 from .keep import TokenInit
 from .memory import check_fits
 from .noise import NoiseSource
@@ -157,7 +157,7 @@ class _StaticStepper:
     next generation of the same shape, with its KV cache (`cache` is that cache when `fixed` is a kept step)."""
 
     def __init__(self, model, plan: GenerationPlan, cache, c: torch.Tensor, noise_src: NoiseSource, fixed, capture):
-        from .fast import new_static_step
+        from .graph import new_static_step
 
         self.fixed = fixed if fixed is not None else new_static_step(model, plan, cache, capture)
         self.fixed.begin(plan, c, noise_src)
@@ -168,7 +168,7 @@ class _StaticStepper:
 
 
 def _fast_mode(fast: str, device: torch.device, annealing: bool) -> str:
-    from .fast import graphs_available
+    from .graph import graphs_available
 
     if fast == "auto":
         return "graph" if graphs_available(device) and not annealing else "eager"
@@ -180,7 +180,7 @@ def _fast_mode(fast: str, device: torch.device, annealing: bool) -> str:
 def _cache_for(model, plan: GenerationPlan, mode: str):
     """(KV cache, kept fixed-shape step or None): a kept step of this shape brings its own cache; otherwise the
     kept one is released first, so its memory counts as free when the new cache is checked against the device."""
-    from .fast import cache_slots, static_step
+    from .graph import cache_slots, static_step
 
     if mode == "eager":
         model.release_step_cache()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .family import Family
+from ..model.family import Family
 from .settings import SEED_LIMIT
 
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import NextStepError
-from .keep import TokenInit, keep_from_mask, keep_rows
-from .settings import TOKEN_PIXELS
+from ..errors import NextStepError
+from ..generation.keep import TokenInit, keep_from_mask, keep_rows
+from ..generation.settings import TOKEN_PIXELS
 
 
 @dataclass

@@ -21,11 +21,11 @@ import struct
 import torch
 
 from .config import model_config_from_dict, read_json
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .identify import AUTO, VAE, kind_of_path
 from .loading import (META_CONFIG, META_FORMAT, META_TOKENIZER, META_TOKENIZER_CONFIG, META_VAE_CONFIG,
                       find_vae_for_model, model_source, _vae_files)
-from .prompt import Tokenizer
+from .tokenizer import Tokenizer
 from .st_io import ST_DTYPES, TensorReader
 from .quant import QUANT_FORMATS, quantized_tensors, stored_plan
 

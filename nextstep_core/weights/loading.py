@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig, model_config_from_dict, read_json, vae_config_from_dict
-from .errors import CheckpointError, NextStepError
+from ..errors import CheckpointError, NextStepError
 from .identify import AUTO, MODEL, VAE, kind_of_config, kind_of_safetensors, wrong_kind
 
 log = logging.getLogger("nextstep")
@@ -208,7 +208,7 @@ def expected_shapes(module: nn.Module) -> dict:
 
 def load_vae(path: str, dtype="float32", device=None, operations=None):
     """Load the f8ch16 tokenizer (see module docstring for accepted layouts)."""
-    from .vae import AutoEncoder
+    from ..model.vae import AutoEncoder
 
     dtype, device = parse_dtype(dtype), torch.device(device or "cpu")
     check_dtype_supported(dtype, device)
@@ -304,7 +304,7 @@ def read_model_config(path: str, family: str | None = AUTO) -> tuple[ModelConfig
 
 
 def load_tokenizer(src: Source):
-    from .prompt import Tokenizer
+    from .tokenizer import Tokenizer
 
     if src.kind == "folder":
         return Tokenizer.from_folder(src.path)
@@ -327,7 +327,7 @@ def load_model(path: str, dtype="bfloat16", device=None, operations=None, attn_b
     loading (tensor by tensor, so the unquantised model is never in memory). `dtype` is the compute dtype.
     """
     from .cpu_pack import pack_linears
-    from .model import NextStep
+    from ..model.decoder import NextStep
     from .quant import QUANT_FORMATS, QUANT_SUFFIXES, prepare_quantized, quantized_operations, stored_shapes
 
     cfg, src = read_model_config(path, family)
@@ -371,7 +371,7 @@ def load_model(path: str, dtype="bfloat16", device=None, operations=None, attn_b
     stream_into(model, src, keys, dtype, device, keep_dtype=lambda k, t: k.endswith(QUANT_SUFFIXES)
                 or (quant is not None and t.element_size() == 1), quantize=quantize)
     if cfg.use_gen_pos_embed and "gen_pos_embed" not in src.shapes:
-        from .model import sincos_2d_table
+        from ..model.decoder import sincos_2d_table
 
         set_tensor(model, "gen_pos_embed", sincos_2d_table(cfg.hidden_size, cfg.base_image_grid_size)[None]
                    .to(device, dtype))

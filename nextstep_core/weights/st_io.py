@@ -12,7 +12,7 @@ import struct
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int8: "I8",
              torch.float8_e4m3fn: "F8_E4M3", torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8",

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from .errors import NextStepError
+from ..errors import NextStepError
 from .identify import DOWNLOAD_MARKER, MODEL, VAE, kind_of_path, wrong_kind
 
 # what loading reads: a model repo's configs, shards and tokenizer files, and its VAE (config + weights)

@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import NextStepError
-from .prompt import IMAGE_MARKER
+from ..errors import NextStepError
+from ..generation.prompt import IMAGE_MARKER
 
 if TYPE_CHECKING:
-    from .generation import Conditioning
+    from ..generation.loop import Conditioning
 
 MAX_INPUT_SIDE = 4096
 GRAY_16 = ("I;16", "I;16L", "I;16B", "I;16N")  # 16-bit grayscale (PNG, TIFF): scaled by 65535, not clipped at 255

@@ -5,9 +5,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .generation import Conditioning, sample
+from ..generation.loop import Conditioning, sample
 from .images import decode_latents, encode_edit_images
-from .settings import SamplerSettings, family_defaults
+from ..generation.settings import SamplerSettings, family_defaults
 
 
 @dataclass

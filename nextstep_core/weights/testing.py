@@ -21,7 +21,7 @@ import os
 import torch
 
 from .config import ModelConfig, VAEConfig
-from .family import FAMILY_V1
+from ..model.family import FAMILY_V1
 
 SIZES = {
     # hidden, layers, heads, kv heads, intermediate, head dim, head layers
@@ -118,7 +118,7 @@ def tiny_config(size: str = "tiny", family: str = FAMILY_V1, vocab_size: int = 3
 
 def random_model_state(cfg: ModelConfig, seed: int = 0, with_lm_head: bool = True) -> dict[str, torch.Tensor]:
     """Every tensor of the published key set, randomised as described in the module docstring."""
-    from .model import NextStep
+    from ..model.decoder import NextStep
 
     g = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
@@ -126,7 +126,7 @@ def random_model_state(cfg: ModelConfig, seed: int = 0, with_lm_head: bool = Tru
     state = {}
     for k, shape in shapes.items():
         if k == "gen_pos_embed":
-            from .model import sincos_2d_table
+            from ..model.decoder import sincos_2d_table
 
             state[k] = sincos_2d_table(cfg.hidden_size, cfg.base_image_grid_size)[None]
             continue
@@ -148,7 +148,7 @@ def random_model_state(cfg: ModelConfig, seed: int = 0, with_lm_head: bool = Tru
 
 
 def random_vae_state(cfg: VAEConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    from .vae import AutoEncoder
+    from ..model.vae import AutoEncoder
 
     g = torch.Generator().manual_seed(seed + 1)
     with torch.device("meta"):

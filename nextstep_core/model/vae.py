@@ -12,11 +12,15 @@ latent pixels (the 64 values of one AR token when psz = 2) when the config says 
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import VAEConfig
+if TYPE_CHECKING:
+    from ..weights.config import VAEConfig
+
 
 
 def _norm(ch: int) -> nn.GroupNorm:

@@ -7,7 +7,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .errors import GenerationCancelled, NextStepError
+from ..errors import GenerationCancelled, NextStepError
 
 
 def _info(args) -> int:
@@ -40,11 +40,11 @@ class _Job:
 def _check(args) -> _Job:
     """Every input the user gave, checked in well under a second: no weight is read here."""
     from .devices import resolve_device
-    from .download import resolve_model
-    from .family import FAMILY_V1
+    from ..weights.download import resolve_model
+    from ..model.family import FAMILY_V1
     from .images import prepare_edit_images
     from .keep_inputs import check_keep_inputs
-    from .loading import check_dtype_supported, find_vae_for_model, parse_dtype, read_model_config
+    from ..weights.loading import check_dtype_supported, find_vae_for_model, parse_dtype, read_model_config
     from .outputs import image_outputs, latents_output
 
     keep = check_keep_inputs(args.init_image, args.init_latents, args.mask, args.keep_rows, args.width, args.height)
@@ -82,14 +82,14 @@ def _check(args) -> _Job:
 
 
 def _settings(family, edit: bool, given: dict):
-    from .settings import family_defaults
+    from ..generation.settings import family_defaults
 
     return family_defaults(family, edit).replace(**given).validate()
 
 
 def check_prompts(prompts: list, positive: str | None, negative: str | None, edit: bool) -> None:
     """Text the tokenizer can take: valid UTF-8 (argv bytes that are not arrive as lone surrogates), markers right."""
-    from .prompt import IMAGE_MARKER, check_text
+    from ..generation.prompt import IMAGE_MARKER, check_text
 
     named = [(f"prompt {i + 1}", p) for i, p in enumerate(prompts)]
     named += [(n, p) for n, p in (("--positive", positive), ("--negative", negative)) if p is not None]
@@ -106,12 +106,12 @@ def check_prompts(prompts: list, positive: str | None, negative: str | None, edi
 def _generate(args) -> int:
     import numpy as np
 
-    from . import generation as G
+    from ..generation import loop as G
     from .images import decode_latents, encode_edit_images
-    from .loading import load_model, load_vae
+    from ..weights.loading import load_model, load_vae
     from .outputs import write_atomic
     from .pipeline import GenerationResult
-    from .settings import default_prompts
+    from ..generation.settings import default_prompts
 
     job = _check(args)
     t0 = time.perf_counter()
@@ -158,7 +158,7 @@ class _Bar:
 
 
 def _convert(args) -> int:
-    from .convert import convert
+    from ..weights.convert import convert
 
     t0 = time.perf_counter()
     out = convert(args.src, args.dst, args.dtype, keep_lm_head=args.keep_lm_head, family=args.family)
@@ -167,8 +167,8 @@ def _convert(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .loading import DTYPES
-    from .settings import CFG_SCHEDULES, FAST_MODES, HEAD_LOOPS, NOISE_MODES, SAMPLERS, SamplerSettings
+    from ..weights.loading import DTYPES
+    from ..generation.settings import CFG_SCHEDULES, FAST_MODES, HEAD_LOOPS, NOISE_MODES, SAMPLERS, SamplerSettings
 
     p = argparse.ArgumentParser(prog="python -m nextstep_core", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _family_argument(parser) -> None:
-    from .identify import AUTO, FAMILY_CHOICES
+    from ..weights.identify import AUTO, FAMILY_CHOICES
 
     parser.add_argument("--family", choices=FAMILY_CHOICES, default=AUTO,
                         help="model family; auto: our nextstep_family key, else the published name (download record, "

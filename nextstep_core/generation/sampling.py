@@ -28,8 +28,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from .compile import guided_velocity, head_compile_ok, warn_once
-from .family import Family
-from .quant import expanded_weights
+from ..model.family import Family
+from ..weights.quant import expanded_weights
 from .settings import CFG_SCHEDULES, HEAD_LOOPS, SAMPLERS
 
 NOISE_LEVEL = 0.8

@@ -16,8 +16,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .errors import CheckpointError
-from .family import FAMILIES, FAMILY_V1, FAMILY_V1_1  # noqa: F401  (re-exported: ns.FAMILIES etc.)
+from ..errors import CheckpointError
+from ..model.family import FAMILIES, FAMILY_V1, FAMILY_V1_1  # noqa: F401  (re-exported: ns.FAMILIES etc.)
 from .identify import AUTO, MODEL, VAE, FamilyChoice, kind_of_config, resolve_family, wrong_kind
 
 

@@ -29,8 +29,8 @@ import os
 import re
 from dataclasses import dataclass
 
-from .errors import CheckpointError, NextStepError
-from .family import FAMILIES, FAMILY_V1, FAMILY_V1_1
+from ..errors import CheckpointError, NextStepError
+from ..model.family import FAMILIES, FAMILY_V1, FAMILY_V1_1
 
 MODEL, VAE, UNKNOWN = "model", "vae", "unknown"
 AUTO = "auto"

@@ -1,0 +1,12 @@
+"""Checkpoints: finding, checking and streaming the published files into the model, and writing them back out.
+
+    config.py      typed model / VAE configs from config.json
+    identify.py    what a checkpoint is (model or VAE) and its family, with the reason
+    loading.py     load_model / load_vae: discovery, validation, streaming load; st_io.py reads tensors without mmap
+    tokenizer.py   the model's tokenizer and its special tokens
+    quant.py       int8 / fp8 / int4 weights (quant_int4.py: int4's layouts), kernels chosen at load
+    cpu_pack.py    dense weights laid out once for the CPU's matmul
+    convert.py     the streaming single-file converter
+    download.py    the one Hugging Face download
+    testing.py     random checkpoints in the official layout, for tests, demos and benchmarks
+"""
