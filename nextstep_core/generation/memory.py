@@ -9,7 +9,7 @@ from .prompt import grid_size
 
 def estimate_memory_bytes(model, width: int, height: int, rows: int, prompt_tokens: int = 128) -> int:
     """Weights + KV cache + working memory of the prefill for `rows` guidance rows."""
-    from ..model.decoder import KVCache
+    from ..model.kv_cache import KVCache
 
     cfg = model.config
     h, w = grid_size(width, height, cfg)
@@ -23,7 +23,7 @@ def estimate_memory_bytes(model, width: int, height: int, rows: int, prompt_toke
 
 def check_fits(model, rows: int, seq: int) -> None:
     """Refuse, before any compute, a cache that cannot fit in the device's free memory."""
-    from ..model.decoder import KVCache
+    from ..model.kv_cache import KVCache
 
     need = KVCache.bytes_per_token(model.config, model.dtype) * rows * seq
     dev = model.device
