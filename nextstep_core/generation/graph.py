@@ -44,10 +44,12 @@ log = logging.getLogger("nextstep")
 NOISE_CHUNK = 1024  # tokens of noise staged at once: a 512x512 image in one copy, bounded memory for huge ones
 WARMUP_STEPS = 2  # eager steps before a capture (they allocate the workspaces outside the graph)
 PROMPT_BUCKET = 64  # prompt slots are rounded up to this, so prompts of other lengths share one step
-# how far the fixed step may be from the plain one on its first token (relative L2 of the token and of the next
-# condition): round-off of attending over the whole masked cache, amplified by guidance. A wrong graph (stale
+# How far the fixed step may be from the plain one on its first token (relative L2 of the token and of the next
+# condition). They differ only in the round-off of attending over the whole masked cache instead of the filled slots:
+# measured on random checkpoints on the CPU (tiny, small, medium; both families; cfg 1 and 3), the token agreed
+# exactly and the next condition to at most 1e-6 in fp32, 1.8e-3 in fp16 and 1.4e-2 in bf16. A wrong graph (stale
 # addresses, a broken kernel) is off by order 1.
-TOLERANCE = {torch.float32: 1e-3, torch.float16: 0.1, torch.bfloat16: 0.1}
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 0.1}
 REPORT = ("please report it with the output of `python -m nextstep_core doctor --json report.json` "
           "(attach report.json)")
 
