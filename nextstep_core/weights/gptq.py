@@ -19,8 +19,8 @@ Into our int4 layout (`quant_int4`, groups of 128): the codes are moved, not cha
 int32 into bytes); scale = s and zero = s * (8 - z), a group of 128 k repeating its scale and zero k times. Codes and
 zero points are exact. The scale/zero table is bfloat16 (what the kernels take) while the files' scales are float16,
 so a weight is exact where s is a bfloat16 number and z = 8 (symmetric: zero 0), and otherwise off by at most
-2^-9 * |s| * (|q - 8| + |8 - z|) <= |s| / 32 (|s| / 64 for symmetric groups): the rounding of s and of s * (8 - z) to
-bfloat16's 8 significant bits. Groups smaller than 128 cannot share a 128-group's scale without changing numbers:
+2^-8 * |s| * (|q - 8| + |8 - z|) <= |s| / 16 (|s| / 32 for symmetric groups, i.e. 1/32 of a quantisation step): the
+rounding of s and of s * (8 - z) to bfloat16's 8 significant bits. Groups smaller than 128 cannot share a 128-group's scale without changing numbers:
 such layers are refused at load and dequantised by `convert`.
 
 Dequantised (`convert` to bf16 / fp16 / fp32 / fp8 / int8): s * (q - z) in float32, exact for float16 and bfloat16
@@ -214,6 +214,10 @@ class PackedCheckpoint:
         reader = PackedReader(src, self, keep_int4)
         return dataclasses.replace(src, key_files=key_files, shapes=shapes, dtypes=dtypes, metadata=metadata,
                                    packed=self, reader=reader)
+
+    def int4_keys(self) -> set[str]:
+        """Keys of the int4 view that are the layers' own codes, scales and zeros (written unchanged by `convert`)."""
+        return {f"{name}.{t}" for name, layer in self.layers.items() if layer.maps for t in _OURS}
 
     def check_loadable(self) -> None:
         """Refuse, naming the field, layers that cannot be repacked into int4 groups of 128 without changing them."""
