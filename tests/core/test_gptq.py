@@ -26,9 +26,8 @@ with open(os.path.join(FIXTURES, "layers.json")) as _f:
     CONFIGS = json.load(_f)
 CASES = sorted(c for c in CONFIGS if f"{c}.reference" in LAYERS)  # AWQ has no GPTQ-layout reference
 MAPPING = [c for c in CASES if CONFIGS[c]["group_size"] != 32]  # groups of 128, 256 and per row fit our int4
-# the tiny model's geometry, as make_fixtures.TINY
-TINY = dict(hidden_size=128, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
-            fm_head_dim=128, fm_head_layers=1)
+with open(os.path.join(FIXTURES, "tiny_w4a16", "geometry.json")) as _f:
+    TINY = json.load(_f)  # the tiny model's config overrides and seed, as make_fixtures.py quantised it
 PUBLISHED_NAME = "NextStep-1.1-W4A16-AutoRound"
 
 
@@ -154,7 +153,7 @@ def test_gptq_checkpoint_formats_are_read_with_their_own_zero_convention():
 
 def make_w4a16_folder(dst):
     """make_tiny_checkpoint with its packed layers replaced by what AutoRound wrote (fixtures/autoround/tiny_w4a16)."""
-    make_tiny_checkpoint(dst, "tiny", seed=0, with_lm_head=False, **TINY)
+    make_tiny_checkpoint(dst, "tiny", seed=TINY["seed"], with_lm_head=False, **TINY["config"])
     state = {}
     for f in sorted(glob.glob(os.path.join(dst, "model-*.safetensors"))):
         state.update(load_file(f))
