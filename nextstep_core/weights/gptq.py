@@ -20,8 +20,8 @@ int32 into bytes); scale = s and zero = s * (8 - z), a group of 128 k repeating 
 zero points are exact. The scale/zero table is bfloat16 (what the kernels take) while the files' scales are float16,
 so a weight is exact where s is a bfloat16 number and z = 8 (symmetric: zero 0), and otherwise off by at most
 2^-8 * |s| * (|q - 8| + |8 - z|) <= |s| / 16 (|s| / 32 for symmetric groups, i.e. 1/32 of a quantisation step): the
-rounding of s and of s * (8 - z) to bfloat16's 8 significant bits. Groups smaller than 128 cannot share a 128-group's scale without changing numbers:
-such layers are refused at load and dequantised by `convert`.
+rounding of s and of s * (8 - z) to bfloat16's 8 significant bits. Groups smaller than 128 cannot share a 128-group's
+scale without changing numbers: such layers are refused at load and dequantised by `convert`.
 
 Dequantised (`convert` to bf16 / fp16 / fp32 / fp8 / int8): s * (q - z) in float32, exact for float16 and bfloat16
 scales, so fp16 equals auto-round's own dequantisation bit for bit and fp32 is the exact value.
@@ -125,7 +125,8 @@ def packed_layers(shapes: dict, fmt: PackedFormat, where: str) -> dict[str, Pack
         name = key[: -len(".qweight")]
         missing = [f"{name}.{t}" for t in ("qzeros", "scales") if f"{name}.{t}" not in shapes]
         if missing:
-            raise CheckpointError(f"{where}: {key} has no {missing[0]}; the checkpoint is incomplete, download it again.")
+            raise CheckpointError(f"{where}: {key} has no {missing[0]}; the checkpoint is incomplete: download it "
+                                  "again.")
         in_f, out_f = 8 * shape[0], shape[1]
         groups = shapes[f"{name}.scales"][0]
         expected = {f"{name}.scales": (groups, out_f), f"{name}.qzeros": (groups, out_f // 8)}
@@ -201,11 +202,13 @@ class PackedCheckpoint:
         for name, layer in self.layers.items():
             files = {t: key_files.pop(f"{name}.{t}", None) for t in _PACKED}
             for t in _PACKED:
-                shapes.pop(f"{name}.{t}", None), dtypes.pop(f"{name}.{t}", None)
+                shapes.pop(f"{name}.{t}", None)
+                dtypes.pop(f"{name}.{t}", None)
             if keep_int4 and layer.maps:
                 table = (layer.out_features, layer.in_features // quant_int4.GROUP)
                 new = {"weight": ("U8", (layer.out_features, layer.in_features // 2), files["qweight"]),
-                       "weight_scale": ("BF16", table, files["scales"]), "weight_zero": ("BF16", table, files["scales"])}
+                       "weight_scale": ("BF16", table, files["scales"]),
+                       "weight_zero": ("BF16", table, files["scales"])}
             else:
                 new = {"weight": ("F32", (layer.out_features, layer.in_features), files["qweight"])}
             for t, (dtype, shape, file) in new.items():
@@ -225,11 +228,11 @@ class PackedCheckpoint:
         if bad:
             b = bad[0]
             raise CheckpointError(
-                f"{self.origin.path}: {len(bad)} packed layer(s) (e.g. {b.name}, [{b.out_features}, {b.in_features}] in "
-                f"groups of {b.group}) do not fit int4 groups of {quant_int4.GROUP} (quantization_config.group_size = "
-                f"{self.fmt.group_size}): regrouping would change the weights. Convert the folder instead, e.g. "
-                "`python -m nextstep_core convert FOLDER out.safetensors --dtype int8` (dequantised exactly, then "
-                "int8) or --dtype bf16.")
+                f"{self.origin.path}: {len(bad)} packed layer(s) (e.g. {b.name}, [{b.out_features}, {b.in_features}] "
+                f"in groups of {b.group}) do not fit int4 groups of {quant_int4.GROUP} "
+                f"(quantization_config.group_size = {self.fmt.group_size}): regrouping would change the weights. "
+                "Convert the folder instead, e.g. `python -m nextstep_core convert FOLDER out.safetensors --dtype "
+                "int8` (dequantised exactly, then int8) or --dtype bf16.")
 
     def describe(self) -> list[str]:
         """`info` lines: the format and which layers are packed."""

@@ -195,7 +195,6 @@ def test_the_folder_loads_with_its_packed_layers_as_int4_and_the_family_from_its
 def test_the_folder_generates_the_tokens_of_our_int4_file_with_the_same_codes(w4a16_dir, tmp_path):
     dst = convert(w4a16_dir, str(tmp_path / "same_codes.safetensors"), dtype="int4")
     reader = TensorReader(dst)
-    fmt, _ = case("sym_g128")
     packed = load_file(os.path.join(FIXTURES, "tiny_w4a16", "quantized.safetensors"))
     for name in ("layers.0.self_attn.k_proj", "image_head.net.res_blocks.0.mlp.0"):
         assert torch.equal(quant_int4.unpack_nibbles(reader.get(f"{name}.weight")),
@@ -210,8 +209,10 @@ def test_converting_to_float_writes_the_exactly_dequantised_weights(w4a16_dir, t
     packed = load_file(os.path.join(FIXTURES, "tiny_w4a16", "quantized.safetensors"))
     name = "layers.1.mlp.up_proj"
     z = gptq.zero_points(packed[f"{name}.qzeros"], 1)
-    assert torch.equal(reader.get(f"{name}.weight"), gptq.dequantize(packed[f"{name}.qweight"], packed[f"{name}.scales"], z))
-    assert "nextstep_quant" not in reader.metadata and reader.get("layers.1.self_attn.q_proj.bias").dtype == torch.float32
+    exact = gptq.dequantize(packed[f"{name}.qweight"], packed[f"{name}.scales"], z)
+    assert torch.equal(reader.get(f"{name}.weight"), exact)
+    assert "nextstep_quant" not in reader.metadata
+    assert reader.get("layers.1.self_attn.q_proj.bias").dtype == torch.float32  # the file's fp16 bias, widened
     model = ns.load_model(dst, dtype="float32")
     assert model.quant is None and model.config.family == ns.FAMILY_V1_1
 
