@@ -108,6 +108,7 @@ def test_groups_smaller_than_128_are_refused_at_load_and_dequantised_exactly_for
     checkpoint = gptq.PackedCheckpoint(src, fmt, gptq.packed_layers(src.shapes, fmt, str(tmp_path)))
     with pytest.raises(CheckpointError, match="group_size = 32.*convert"):
         checkpoint.check_loadable()
+    assert "1 of them (e.g. layers.0.mlp.down_proj) do not fit int4 groups of 128" in "\n".join(checkpoint.describe())
     view = checkpoint.view(keep_int4=True)
     assert view.dtypes["layers.0.mlp.down_proj.weight"] == "F32"
     assert torch.equal(view.reader.get("layers.0.mlp.down_proj.weight").half(), t["reference"])
