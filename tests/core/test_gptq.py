@@ -2,7 +2,6 @@
 made by its make_fixtures.py): our unpacking gives the producer's own dequantised weights bit for bit, our int4 layout
 holds the same codes within the documented bound of its bfloat16 table, and a tiny NextStep in that layout loads,
 describes itself, converts and generates the tokens of our int4 path on the same codes."""
-import glob
 import json
 import os
 import shutil
@@ -18,17 +17,13 @@ from nextstep_core.weights import gptq, quant_int4
 from nextstep_core.weights.convert import TensorReader, convert
 from nextstep_core.weights.identify import MODEL, kind_of_path, resolve_family
 from nextstep_core.weights.loading import model_source, scan_safetensors
-from nextstep_core.weights.testing import make_tiny_checkpoint, write_shards
+from tests.core.fixtures.autoround.folder import FIXTURES, PUBLISHED_NAME, make_w4a16_folder
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "autoround")
 LAYERS = load_file(os.path.join(FIXTURES, "layers.safetensors"))
 with open(os.path.join(FIXTURES, "layers.json")) as _f:
     CONFIGS = json.load(_f)
 CASES = sorted(c for c in CONFIGS if f"{c}.reference" in LAYERS)  # AWQ has no GPTQ-layout reference
 MAPPING = [c for c in CASES if CONFIGS[c]["group_size"] != 32]  # groups of 128, 256 and per row fit our int4
-with open(os.path.join(FIXTURES, "tiny_w4a16", "geometry.json")) as _f:
-    TINY = json.load(_f)  # the tiny model's config overrides and seed, as make_fixtures.py quantised it
-PUBLISHED_NAME = "NextStep-1.1-W4A16-AutoRound"
 
 
 def case(name):
@@ -151,27 +146,6 @@ def test_gptq_checkpoint_formats_are_read_with_their_own_zero_convention():
 
 
 # ---- a tiny NextStep in the published file's layout
-
-def make_w4a16_folder(dst):
-    """make_tiny_checkpoint with its packed layers replaced by what AutoRound wrote (fixtures/autoround/tiny_w4a16)."""
-    make_tiny_checkpoint(dst, "tiny", seed=TINY["seed"], with_lm_head=False, **TINY["config"])
-    state = {}
-    for f in sorted(glob.glob(os.path.join(dst, "model-*.safetensors"))):
-        state.update(load_file(f))
-        os.remove(f)
-    packed = load_file(os.path.join(FIXTURES, "tiny_w4a16", "quantized.safetensors"))
-    layers = {k.rsplit(".", 1)[0] for k in packed}
-    state = {k: v for k, v in state.items() if k.rsplit(".", 1)[0] not in layers}
-    write_shards({**state, **packed}, dst, 2)
-    with open(os.path.join(dst, "config.json")) as f:
-        raw = json.load(f)
-    with open(os.path.join(FIXTURES, "tiny_w4a16", "quantization_config.json")) as f:
-        raw["quantization_config"] = json.load(f)
-    raw.pop("nextstep_family")  # the family comes from the folder's name, as for the published file
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(raw, f)
-    return dst
-
 
 @pytest.fixture(scope="module")
 def w4a16_dir(tmp_path_factory):
