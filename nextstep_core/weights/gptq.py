@@ -5,7 +5,8 @@ What is read: `quantization_config` in config.json, as auto-round (0.16.1 checke
 - the packing: auto-round's `packing_format` "auto_round:auto_gptq" (its default, and what a symmetric W4A16 export
   writes) or "auto_round:gptqmodel"; GPTQ's `checkpoint_format` "gptq" (the default) or "gptq_v2";
 - `bits` 4; `data_type` "int"; `act_bits` absent or 16 and up (weight-only); `group_size` (-1: one group per row);
-- `extra_config` (auto-round's per-layer overrides): a layer may be 16-bit (stored dense) or 4-bit int, nothing else;
+- `extra_config` (auto-round's per-layer overrides) and `dynamic` (GPTQModel's): a layer may be 16-bit (stored dense)
+  or 4-bit int, nothing else;
 - `sym`, `desc_act`, `block_name_to_quantize` are shown by `info`. Which layers are packed is read from the tensors.
 
 Per packed linear P (the published key names, no prefix): `P.qweight` int32 [in/8, out] (input row 8r + j in bits
@@ -92,10 +93,13 @@ def packed_format(raw: dict, where: str) -> PackedFormat | None:
     group = qc.get("group_size", 128)
     if not isinstance(group, int) or (group <= 0 and group != -1):
         raise refuse("group_size", group, "expected a positive group size or -1")
-    for name, over in (qc.get("extra_config") or {}).items():
-        bits = over.get("bits", 4) if isinstance(over, dict) else None
-        if bits is None or (bits < 16 and (bits != 4 or over.get("data_type", "int") != "int")):
-            raise refuse(f"extra_config[{name!r}]", over, "a layer may only be 4-bit int or kept in 16 bits")
+    for field, overrides in (("extra_config", qc.get("extra_config")), ("dynamic", qc.get("dynamic"))):
+        for name, over in (overrides or {}).items():
+            if field == "dynamic" and name.startswith("-:"):
+                continue  # GPTQModel's "leave these layers dense"
+            bits = over.get("bits", 4) if isinstance(over, dict) else None
+            if bits is None or (bits < 16 and (bits != 4 or over.get("data_type", "int") != "int")):
+                raise refuse(f"{field}[{name!r}]", over, "a layer may only be 4-bit int or kept in 16 bits")
     return PackedFormat(method, packing, group, qc.get("sym"), _ZERO_OFFSET[packing], qc)
 
 

@@ -126,6 +126,7 @@ def test_act_order_g_idx_is_refused_naming_the_field(tmp_path, name):
     ({"bits": 8}, "bits"), ({"bits": 2}, "bits"), ({"data_type": "mx_fp"}, "data_type"), ({"act_bits": 8}, "act_bits"),
     ({"packing_format": "auto_round:llm_compressor"}, "packing_format"), ({"quant_method": "awq"}, "quant_method"),
     ({"group_size": 0}, "group_size"), ({"extra_config": {"layers.0.mlp.up_proj": {"bits": 8}}}, "extra_config"),
+    ({"quant_method": "gptq", "dynamic": {r"+:.*down_proj.*": {"bits": 8}}}, "dynamic"),
 ])
 def test_formats_we_do_not_read_are_refused_naming_the_field(change, field):
     with pytest.raises(CheckpointError, match=rf"quantization_config\.{field}"):
@@ -139,6 +140,7 @@ def test_awq_packing_as_autoround_writes_it_is_refused():
 
 def test_gptq_checkpoint_formats_are_read_with_their_own_zero_convention():
     base = dict(CONFIGS["gptq_asym_g128"])
+    assert any(k.startswith("-:") for k in base["dynamic"])  # the layers it left dense: fine
     assert gptq.packed_format({"quantization_config": base}, "c").zero_offset == 1
     assert gptq.packed_format({"quantization_config": dict(base, checkpoint_format="gptq_v2")}, "c").zero_offset == 0
     with pytest.raises(CheckpointError, match="checkpoint_format = 'marlin'"):
