@@ -141,7 +141,7 @@ def packed_layers(shapes: dict, fmt: PackedFormat, where: str) -> dict[str, Pack
                 raise CheckpointError(f"{where}: {k} has shape {list(shapes[k])}, which does not fit {key} "
                                       f"{list(shape)}; the files are not a 4-bit GPTQ packing.")
         stated = _stated_group(fmt, name)
-        if (stated == -1 and groups != 1) or (stated != -1 and stated * groups != in_f):
+        if stated is not None and ((stated == -1 and groups != 1) or (stated != -1 and stated * groups != in_f)):
             raise CheckpointError(f"{where}: {name} is stored in {groups} group(s) of {in_f // groups} inputs, but "
                                   f"quantization_config.group_size says {stated}; the config and the weights do not "
                                   "belong together.")
@@ -149,7 +149,10 @@ def packed_layers(shapes: dict, fmt: PackedFormat, where: str) -> dict[str, Pack
     return layers
 
 
-def _stated_group(fmt: PackedFormat, name: str) -> int:
+def _stated_group(fmt: PackedFormat, name: str) -> int | None:
+    """The group size the config gives `name`; None where GPTQModel's regex overrides (`dynamic`) may set another."""
+    if any(not k.startswith("-:") for k in fmt.config.get("dynamic") or {}):
+        return None
     over = (fmt.config.get("extra_config") or {}).get(name)
     return over.get("group_size", fmt.group_size) if isinstance(over, dict) else fmt.group_size
 
