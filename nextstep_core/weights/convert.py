@@ -26,14 +26,16 @@ from .identify import AUTO, VAE, kind_of_path
 from .loading import (META_CONFIG, META_FORMAT, META_TOKENIZER, META_TOKENIZER_CONFIG, META_VAE_CONFIG,
                       find_vae_for_model, model_source, _vae_files)
 from .tokenizer import Tokenizer
-from .st_io import ST_DTYPES, TensorReader
+from .st_io import FROM_ST, ST_DTYPES, TensorReader
 from .quant import QUANT_FORMATS, quantized_tensors, stored_plan
 
 TARGETS = ("bf16", "fp16", "fp32") + QUANT_FORMATS
 
 
-def _plan(name: str, shape, target: str):
-    """[(key, dtype, shape)] written for one source tensor."""
+def _plan(name: str, shape, target: str, kept=None):
+    """[(key, dtype, shape)] written for one source tensor (`kept`: its dtype name when it is written unchanged)."""
+    if kept:
+        return [(name, FROM_ST[kept], shape)]
     quantised = stored_plan(name, shape, target) if target in QUANT_FORMATS else None
     if quantised:
         return quantised
@@ -89,6 +91,11 @@ def convert(src: str, dst: str, dtype: str = "bf16", keep_lm_head: bool = False,
     if os.path.isdir(src) and kind_of_path(src) == VAE:
         return _convert_vae(src, dst, dtype)
     source, raw = model_source(src)
+    kept = set()  # keys written as they are: an AutoRound / GPTQ layer's int4 codes, scale and zero
+    if source.packed is not None:  # dequantised exactly, except that int4 keeps the codes where the groups map
+        kept = source.packed.int4_keys() if dtype == "int4" else set()
+        source = source.packed.view(keep_int4=dtype == "int4", marker=False)
+        raw = {k: v for k, v in raw.items() if k != "quantization_config"}
     choice = model_config_from_dict(raw, source.path, source.path, family).family_choice
     logging.getLogger("nextstep").log(logging.WARNING if choice.guessed else logging.INFO, "%s: family: %s",
                                       source.path, choice.describe())
@@ -96,7 +103,7 @@ def convert(src: str, dst: str, dtype: str = "bf16", keep_lm_head: bool = False,
         raw = dict(raw, nextstep_family=choice.family, nextstep_family_reason=choice.reason)
     readers = {f: TensorReader(f) for f in source.files}
     keys = [k for k in source.shapes if keep_lm_head or not k.startswith("lm_head.")]
-    items = [(k, _plan(k, source.shapes[k], dtype)) for k in keys]
+    items = [(k, _plan(k, source.shapes[k], dtype, k in kept and source.dtypes[k])) for k in keys]
     meta = {META_FORMAT: "1", META_CONFIG: json.dumps(raw), "nextstep_kind": "model"}
     if dtype in QUANT_FORMATS:
         meta["nextstep_quant"] = dtype
@@ -113,7 +120,8 @@ def convert(src: str, dst: str, dtype: str = "bf16", keep_lm_head: bool = False,
                 meta[k] = source.metadata[k]
     if "nextstep_quant" in source.metadata:
         raise CheckpointError(f"{src} is already quantised; convert from the original bf16/fp32 weights.")
-    write_streaming(dst, items, lambda k: _convert_one(k, readers[source.key_files[k]].get(k), dtype), meta)
+    get = source.reader.get if source.reader else lambda k: readers[source.key_files[k]].get(k)
+    write_streaming(dst, items, lambda k: [get(k)] if k in kept else _convert_one(k, get(k), dtype), meta)
     return dst
 
 
