@@ -51,7 +51,8 @@ class NextStepSampler:
         }, "optional": {
             "steps_end": ("INT", {"default": 0, "min": 0, "max": 200,
                                   "tooltip": "Step annealing: head steps fall linearly from 'steps' at the first token "
-                                             "to this at the last (e.g. 50 -> 5 is about 1.4x faster). 0 = off."}),
+                                             "to this at the last (50 -> 5 took 0.70x the time of 50 in the CPU benchmark; on "
+                                             "NVIDIA GPUs it runs on CUDA graphs too). 0 = off."}),
             "latent": ("LATENT", {"tooltip": LATENT_TOOLTIP}),
         }}
 

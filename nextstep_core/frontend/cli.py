@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cfg-schedule", choices=CFG_SCHEDULES)
     g.add_argument("--timesteps-shift", type=float, help="above 0 (default: the family's)")
     g.add_argument("--steps", type=int, help="head steps per token (default: the family's; tiny: 8)")
-    g.add_argument("--steps-end", type=int, help="step annealing: head steps fall linearly to this (off by default)")
+    g.add_argument("--steps-end", type=int, help="step annealing: head steps fall linearly from --steps to this at the "
+                                                 "last token (off by default)")
     g.add_argument("--sampler", choices=SAMPLERS, help="default: the family's reference sampler")
     g.add_argument("--use-norm", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--seed", type=int, help=f"0 to 2**64-1 (default {d.seed})")
@@ -208,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     g.add_argument("--device", help="auto (default: cuda, else mps, else cpu), cpu, cuda, cuda:N, mps")
     g.add_argument("--fast", choices=FAST_MODES,
-                   help="per-token path: auto (default) = CUDA graphs on CUDA, the plain loop elsewhere")
+                   help="per-token path: auto (default) = CUDA graphs on CUDA, the plain loop elsewhere; a graph is "
+                        "checked against the plain step on its first token and left (with a warning) if they differ")
     g.add_argument("--head-loop", choices=HEAD_LOOPS, help="the head's sampling loop (default fused; all agree)")
     g.add_argument("--compile-head", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the head's step where this device can (off by default; falls back with a "

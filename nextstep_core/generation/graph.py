@@ -8,7 +8,7 @@ Every input of one image token lives in a static buffer:
     slot      [1] long                       the row of `noise` / `guide` the next token reads
     pos       [1] long                       the cache slot its feed-back goes to
     k_idx     [1] long                       the token's index (selects its gen_pos_embed row)
-    start     [rows] long                    each row's first real (non-pad) slot
+    rows      RowSlots                       each row's real (non-pad) slots
     token     [B, D]                         the sampled token
 
 `_static_token` gathers them into the arguments of `step.token_step` — the function the plain loop calls — with the
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.attention import decode_mask
+from ..model.attention import RowSlots
 from .memory import check_fits
 from .settings import graph_baked
 from .step import Slot, TokenInputs, TokenSpec, token_step
@@ -121,7 +121,7 @@ class FixedStep:
         self.noise = torch.zeros(self.chunk + WARMUP_STEPS, plan.draws, plan.n_img, cfg.token_dim, device=dev)
         self.guide = torch.ones(self.chunk + WARMUP_STEPS, 2, device=dev)
         self.slot, self.pos, self.k_idx = (torch.zeros(1, dtype=torch.long, device=dev) for _ in range(3))
-        self.start = torch.zeros(plan.rows, dtype=torch.long, device=dev)
+        self.rows = RowSlots(torch.zeros(plan.rows, dtype=torch.long, device=dev), self.max_len, dtype)
         self.token = torch.zeros(plan.n_img, cfg.token_dim, device=dev, dtype=dtype)
         self.pos_rows = plan.pos_rows(model, spare=WARMUP_STEPS)
         self.specs: dict[int, TokenSpec] = {}  # per head step count; a graph reads its head plan's tensors
@@ -142,7 +142,7 @@ class FixedStep:
         """Start a generation on this (possibly kept) step: `c` is the prefill's last condition per row."""
         self.plan, self.noise_src, self.fallback = plan, noise_src, None
         self.c.copy_(c)
-        self.start.copy_(start)
+        self.rows.refill(start)
         self.pos.fill_(plan.prompt_len)
         self.k_idx.zero_()
 
@@ -180,7 +180,7 @@ class FixedStep:
         noise = self.noise.index_select(0, self.slot)[0]
         guide = self.guide.index_select(0, self.slot)[0]
         row = None if self.pos_rows is None else self.pos_rows.index_select(0, self.k_idx)
-        mask = decode_mask(self.start, self.pos, self.max_len, self.model.dtype, self.model.group)
+        mask = self.rows.decode_mask(self.pos, self.max_len, self.model.group)
         x = TokenInputs(self.c, noise, guide[0], guide[1], row)
         tok, c = token_step(self.model, spec, x, Slot(self.pos, mask, self.max_len), forced, feed)
         self._commit(tok, c)
@@ -193,7 +193,7 @@ class FixedStep:
         x = TokenInputs(self.c.clone(), self.staged[0][k % self.chunk].to(dev), *plan.guidance(k), row)
         p = plan.prompt_len + k
         pos = torch.tensor([p], device=dev)
-        slot = Slot(pos, decode_mask(self.start, pos, p + 1, model.dtype, model.group), p + 1)
+        slot = Slot(pos, self.rows.decode_mask(pos, p + 1, model.group), p + 1)
         tok, c = token_step(model, spec, x, slot, forced, feed)
         self._commit(tok, c)
         return self.token

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import GenerationCancelled, NextStepError
-from ..model.attention import decode_mask, prefill_mask
+from ..model.attention import RowSlots, prefill_mask
 from ..model.family import family_of
 from . import graph
 from .keep import TokenInit
@@ -137,7 +137,8 @@ class PlainStep:
 
     def begin(self, plan, c: torch.Tensor, start: torch.Tensor, noise_src: NoiseSource) -> None:
         self.c, self.noise_src = c, noise_src
-        self.start = start if bool(start.any()) else None  # no padding: attend to every filled slot, no mask
+        # no padding: attend to every filled slot, no mask
+        self.rows = RowSlots(start, plan.prompt_len + plan.total, c.dtype) if bool(start.any()) else None
 
     def run(self, k: int, forced=None) -> torch.Tensor:
         """Token k for every image [B, D] (float32, CPU); `forced` = (keep [B] bool, tokens [B, D]) or None."""
@@ -147,7 +148,7 @@ class PlainStep:
         x = TokenInputs(self.c, noise.to(model.device), *plan.guidance(k), row)
         p = plan.prompt_len + k
         pos = torch.tensor([p], device=model.device)
-        mask = None if self.start is None else decode_mask(self.start, pos, p + 1, model.dtype, model.group)
+        mask = None if self.rows is None else self.rows.decode_mask(pos, p + 1, model.group)
         tok, c = token_step(model, plan.token_spec(model, k), x, Slot(pos, mask, p + 1), forced,
                             feed=k + 1 < plan.total)
         self.c = self.c if c is None else c

@@ -4,7 +4,7 @@ Masks are additive (0 = attend, -inf = hide) in the compute dtype, built once pe
 materialised (contiguous, one row per query), so no kernel converts or broadcasts them again:
 - `prefill_mask(real)`: causal, pads hidden from every real token; a pad query attends only to itself, which keeps it
   finite (nothing real ever reads it).
-- `decode_mask(start, pos, length, group)`: one image token at slot `pos` sees slots start_b..pos of row b. Padding
+- `RowSlots.decode_mask(pos, length, group)`: one image token at slot `pos` sees slots start_b..pos of row b. Padding
   is only ever on the left, so a row's first real slot `start_b` says all there is about it. `length` is how many
   slots attention reads: pos + 1 on the plain loop, the whole cache on the fixed-shape path (the same function; the
   slots after `pos` are hidden). A single query attends as `group` rows per K/V head (see `attention`), so the
@@ -39,11 +39,30 @@ def prefill_mask(real: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return _additive(visible[:, None], dtype)
 
 
+class RowSlots:
+    """Which cache slots each guidance row may attend to when one token is decoded: its real (non-pad) slots up to
+    the token's own. Padding is only ever on the left, so row b's first real slot `start[b]` says all there is; the
+    comparison with it is made once per generation, not per token."""
+
+    def __init__(self, start: torch.Tensor, length: int, dtype: torch.dtype):
+        self.slots = torch.arange(length, device=start.device)
+        self.real = self.slots[None, :] >= start[:, None]  # [B, length]
+        self.values = torch.tensor([0.0, float("-inf")], dtype=dtype, device=start.device)  # attend, hide
+
+    def refill(self, start: torch.Tensor) -> None:
+        """Another generation's rows in the same buffers (a captured graph keeps reading them)."""
+        torch.ge(self.slots[None, :], start[:, None], out=self.real)
+
+    def decode_mask(self, pos: torch.Tensor, length: int, group: int = 1) -> torch.Tensor:
+        """[B, 1, group, length]: slots start_b..pos are seen. `pos` is a [1] device tensor (no host sync)."""
+        visible = self.real[:, :length] & (self.slots[:length] <= pos)
+        mask = torch.where(visible, self.values[0], self.values[1])
+        return mask[:, None, None, :].expand(-1, -1, group, -1).contiguous()
+
+
 def decode_mask(start: torch.Tensor, pos: torch.Tensor, length: int, dtype: torch.dtype, group: int = 1):
-    """[B, 1, group, length]: slots start_b..pos are seen. `pos` is a [1] device tensor (no host sync)."""
-    slots = torch.arange(length, device=start.device)
-    visible = (slots[None, :] >= start[:, None]) & (slots[None, :] <= pos)
-    return _additive(visible[:, None, None, :], dtype).expand(-1, -1, group, -1).contiguous()
+    """`RowSlots(start, length, dtype).decode_mask(pos, length, group)`, for a single step."""
+    return RowSlots(start, length, dtype).decode_mask(pos, length, group)
 
 
 def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
