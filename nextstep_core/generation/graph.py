@@ -5,6 +5,7 @@ Every input of one image token lives in a static buffer:
     c         [rows, hidden]                 the condition for the next token (decoder output, final-normed)
     noise     [chunk + spare, draws, B, D]   the noise of up to `NOISE_CHUNK` tokens, staged in one copy
     guide     [chunk + spare, 2]             their guidance scales (cfg, cfg_img): a linear schedule needs no recapture
+    init      [chunk + spare, B, D] or None  their init tokens, where a variation (denoise < 1) starts from them
     slot      [1] long                       the row of `noise` / `guide` the next token reads
     pos       [1] long                       the cache slot its feed-back goes to
     k_idx     [1] long                       the token's index (selects its gen_pos_embed row)
@@ -120,6 +121,7 @@ class FixedStep:
         self.c = torch.zeros(plan.rows, cfg.hidden_size, device=dev, dtype=dtype)
         self.noise = torch.zeros(self.chunk + WARMUP_STEPS, plan.draws, plan.n_img, cfg.token_dim, device=dev)
         self.guide = torch.ones(self.chunk + WARMUP_STEPS, 2, device=dev)
+        self.init = None if plan.settings.denoise == 1 else torch.zeros_like(self.noise[:, 0])  # [chunk + spare, B, D]
         self.slot, self.pos, self.k_idx = (torch.zeros(1, dtype=torch.long, device=dev) for _ in range(3))
         self.rows = RowSlots(torch.zeros(plan.rows, dtype=torch.long, device=dev), self.max_len, dtype)
         self.token = torch.zeros(plan.n_img, cfg.token_dim, device=dev, dtype=dtype)
@@ -138,9 +140,10 @@ class FixedStep:
             return "eager"
         return "graph" if self.capture else "static"
 
-    def begin(self, plan, c: torch.Tensor, start: torch.Tensor, noise_src) -> None:
-        """Start a generation on this (possibly kept) step: `c` is the prefill's last condition per row."""
-        self.plan, self.noise_src, self.fallback = plan, noise_src, None
+    def begin(self, plan, c: torch.Tensor, start: torch.Tensor, noise_src, inits=None) -> None:
+        """Start a generation on this (possibly kept) step: `c` is the prefill's last condition per row, `inits`
+        [B, T, D] (host) the tokens a variation starts from (denoise < 1, baked into the key), else None."""
+        self.plan, self.noise_src, self.fallback, self.inits = plan, noise_src, None, inits
         self.c.copy_(c)
         self.rows.refill(start)
         self.pos.fill_(plan.prompt_len)
@@ -181,7 +184,8 @@ class FixedStep:
         guide = self.guide.index_select(0, self.slot)[0]
         row = None if self.pos_rows is None else self.pos_rows.index_select(0, self.k_idx)
         mask = self.rows.decode_mask(self.pos, self.max_len, self.model.group)
-        x = TokenInputs(self.c, noise, guide[0], guide[1], row)
+        init = None if self.init is None else self.init.index_select(0, self.slot)[0]
+        x = TokenInputs(self.c, noise, guide[0], guide[1], row, init)
         tok, c = token_step(self.model, spec, x, Slot(self.pos, mask, self.max_len), forced, feed)
         self._commit(tok, c)
 
@@ -190,7 +194,8 @@ class FixedStep:
         model, plan = self.model, self.plan
         dev = self.c.device
         row = None if self.pos_rows is None else self.pos_rows[k]
-        x = TokenInputs(self.c.clone(), self.staged[0][k % self.chunk].to(dev), *plan.guidance(k), row)
+        init = None if self.init is None else self.staged[2][k % self.chunk].to(dev)
+        x = TokenInputs(self.c.clone(), self.staged[0][k % self.chunk].to(dev), *plan.guidance(k), row, init)
         p = plan.prompt_len + k
         pos = torch.tensor([p], device=dev)
         slot = Slot(pos, self.rows.decode_mask(pos, p + 1, model.group), p + 1)
@@ -262,11 +267,15 @@ class FixedStep:
         n = min(self.chunk, plan.total - k)
         noise = torch.stack([self.noise_src.next(plan.draws) for _ in range(n)])
         guide = torch.tensor([plan.guidance(j) for j in range(k, k + n)], dtype=torch.float32)
+        init = self.inits[:, k:k + n].transpose(0, 1).contiguous() if self.init is not None else None
         if self.noise.is_cuda:
             noise, guide = noise.pin_memory(), guide.pin_memory()
-        self.staged = (noise, guide)  # a non-blocking copy reads them after this returns
+            init = init.pin_memory() if init is not None else None
+        self.staged = (noise, guide, init)  # a non-blocking copy reads them after this returns
         self.noise[:n].copy_(noise, non_blocking=True)
         self.guide[:n].copy_(guide, non_blocking=True)
+        if init is not None:
+            self.init[:n].copy_(init, non_blocking=True)
         self.slot.zero_()
 
 

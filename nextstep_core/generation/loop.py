@@ -135,8 +135,9 @@ class PlainStep:
         model.setup_caches(plan.rows, plan.prompt_len + plan.total - 1)  # the last token is never fed back
         self.pos_rows = plan.pos_rows(model)
 
-    def begin(self, plan, c: torch.Tensor, start: torch.Tensor, noise_src: NoiseSource) -> None:
-        self.c, self.noise_src = c, noise_src
+    def begin(self, plan, c: torch.Tensor, start: torch.Tensor, noise_src: NoiseSource, inits=None) -> None:
+        """`inits` [B, T, D] (host): the tokens a variation (denoise < 1) starts each token from, or None."""
+        self.c, self.noise_src, self.inits = c, noise_src, inits
         # no padding: attend to every filled slot, no mask
         self.rows = RowSlots(start, plan.prompt_len + plan.total, c.dtype) if bool(start.any()) else None
 
@@ -145,7 +146,8 @@ class PlainStep:
         model, plan = self.model, self.plan
         noise = self.noise_src.next(plan.draws)  # kept tokens draw their noise too: the stream of a full run
         row = None if self.pos_rows is None else self.pos_rows[k]
-        x = TokenInputs(self.c, noise.to(model.device), *plan.guidance(k), row)
+        init = None if self.inits is None else self.inits[:, k].to(model.device)
+        x = TokenInputs(self.c, noise.to(model.device), *plan.guidance(k), row, init)
         p = plan.prompt_len + k
         pos = torch.tensor([p], device=model.device)
         mask = None if self.rows is None else self.rows.decode_mask(pos, p + 1, model.group)
@@ -227,6 +229,12 @@ def sample(model, cond: Conditioning, settings: SamplerSettings | None = None, p
     plan = GenerationPlan(s, family_of(mcfg), h, w, branches, batch.input_ids.shape[1],
                           len(cond.prompts) * s.images_per_prompt)
     forced = init.resolve(plan.n_img, h, w, mcfg.token_dim) if init is not None else None
+    if s.denoise < 1 and forced is None:
+        raise NextStepError(f"denoise {s.denoise} varies an image: it needs an init (a latent, --init-image or "
+                            "--init-latents) to start from; without one, set denoise to 1.")
+    if forced is not None and s.denoise == 0:  # nothing to regenerate: every token is its init, exactly
+        forced = (forced[0], torch.ones_like(forced[1]))
+    inits = forced[0] if forced is not None and s.denoise < 1 else None
     edit_shape = (len(batch.rows_with_image), *cond.edit_latents[0].shape) if batch.rows_with_image else None
     noise_src = NoiseSource(s.noise, s.seed, len(cond.prompts), s.images_per_prompt, mcfg.token_dim, plan.family,
                             edit_shape)
@@ -234,7 +242,7 @@ def sample(model, cond: Conditioning, settings: SamplerSettings | None = None, p
     with _one_caller(model), torch.inference_mode():
         stepper = _stepper(model, plan, path)
         c = _prefill(model, batch, cond, s.images_per_prompt)
-        stepper.begin(plan, c, (~batch.real).sum(1).to(model.device), noise_src)
+        stepper.begin(plan, c, (~batch.real).sum(1).to(model.device), noise_src, inits)
         tokens = torch.zeros(plan.n_img, plan.total, mcfg.token_dim, device="cpu" if path == "eager" else model.device)
         last_free = plan.total - 1
         if forced is not None:  # the canvas starts with the kept tokens, so previews show them from the start

@@ -46,6 +46,7 @@ class SamplerSettings:
     fast: str = "auto"  # per-token path: auto, graph, static, eager
     head_loop: str = "fused"  # "fused" (fewest kernels), "hoisted" or "plain" (the per-step reference loop)
     compile_head: bool = False  # torch.compile the fused head step where it works (compile.py); never required
+    denoise: float = 1.0  # variation strength with an init: 1 generates anew, 0.5 starts half-way from the init, 0 keeps it
 
     def replace(self, **changes) -> "SamplerSettings":
         return replace(self, **changes)
@@ -71,6 +72,9 @@ class SamplerSettings:
         problems += _int_range("steps", self.steps, 1, MAX_STEPS)
         if self.steps_end is not None:
             problems += _int_range("steps_end", self.steps_end, 1, MAX_STEPS)
+        d = self.denoise
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or not 0 <= d <= 1:
+            problems.append(f"denoise must be a number from 0 to 1 (1 = generate anew), got {d!r}")
         for name in ("cfg", "cfg_img", "timesteps_shift"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
@@ -103,7 +107,7 @@ class SamplerSettings:
 # buffers; `fast` picks the path). Each field is in exactly one of the two sets, checked at import, so a new field
 # cannot be left out of the key by accident.
 GRAPH_BAKED = frozenset({"width", "height", "images_per_prompt", "steps", "timesteps_shift", "sampler", "use_norm",
-                         "head_loop", "compile_head"})
+                         "head_loop", "compile_head", "denoise"})
 GRAPH_FREE = frozenset({"cfg", "cfg_img", "cfg_schedule", "steps_end", "seed", "noise", "fast"})
 if GRAPH_BAKED | GRAPH_FREE != {f.name for f in fields(SamplerSettings)} or GRAPH_BAKED & GRAPH_FREE:
     raise AssertionError("every SamplerSettings field must be declared in exactly one of GRAPH_BAKED / GRAPH_FREE")

@@ -38,6 +38,7 @@ class TokenInputs:
     cfg: float | torch.Tensor
     cfg_img: float | torch.Tensor
     pos_row: torch.Tensor | None  # the gen_pos_embed row added to c, for models that have the table
+    init: torch.Tensor | None = None  # [B, D] the tokens a variation starts from (denoise < 1), else None
 
 
 @dataclass
@@ -53,7 +54,7 @@ def sample_image_token(model, spec: TokenSpec, x: TokenInputs) -> torch.Tensor:
     c = x.c if x.pos_row is None else x.c + x.pos_row
     cond = model.image_out_projector(c)
     noise = x.noise[:spec.head.draws]
-    tok = sample_token(model.image_head, cond, noise, spec.head, Guidance(spec.branches, x.cfg, x.cfg_img))
+    tok = sample_token(model.image_head, cond, noise, spec.head, Guidance(spec.branches, x.cfg, x.cfg_img), x.init)
     tok = tok.to(cond.dtype)
     return F.layer_norm(tok, (tok.shape[-1],), eps=1e-6) if spec.use_norm else tok
 
