@@ -10,7 +10,8 @@ from ..weights.identify import AUTO, OVERRIDE_HINT, VAE, kind_of_path
 from ..weights.loading import _vae_files, check_keys, expected_shapes, load_tokenizer, read_model_config
 
 
-def _gib(n: int) -> str:
+def size_text(n: int) -> str:
+    """A file or memory size for people: GiB from a quarter of one, MiB below."""
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
@@ -47,7 +48,7 @@ def _describe_model(path: str, family: str | None) -> str:
         f"  parameters:  {n_params:,}",
         f"  stored as:   {', '.join(dtypes)}" + (f" (quantised {src.metadata['nextstep_quant']})"
                                                    if "nextstep_quant" in src.metadata else ""),
-        f"  files:       {len(src.files)} file(s), {_gib(size)}",
+        f"  files:       {len(src.files)} file(s), {size_text(size)}",
         *[f"    {os.path.relpath(f, path) if src.kind == 'folder' else os.path.basename(f)}" for f in src.files],
         f"  LM head:     {'present (not loaded for image generation)' if 'lm_head.weight' in src.shapes else 'absent'}",
         f"  tokenizer:   ok (BOS {tok.bos_token!r})",
