@@ -6,6 +6,7 @@ import os
 import torch
 
 from ..errors import CheckpointError
+from ..fs import is_file
 from ..weights.identify import AUTO, OVERRIDE_HINT, VAE, kind_of_path
 from ..weights.loading import _vae_files, check_keys, expected_shapes, load_tokenizer, read_model_config
 
@@ -19,6 +20,7 @@ def describe(path: str, family: str | None = AUTO) -> str:
     """What `path` is; for a model, the family with the rule that decided it (`family` overrides, as on load)."""
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
+        is_file(path, CheckpointError)  # a fault on the path (permission, a link loop) is named as itself
         raise CheckpointError(f"{path} does not exist.")
     return _describe_vae(path) if kind_of_path(path) == VAE else _describe_model(path, family)
 
