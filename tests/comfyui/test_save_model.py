@@ -53,13 +53,9 @@ def choices(server) -> list:
 
 
 @pytest.fixture
-def saved_files(tiny_models):
-    """Removes what a test saves into the session's shared models/diffusion_models."""
-    folder = tiny_models / "diffusion_models"
-    before = set(os.listdir(folder))
-    yield folder
-    for name in set(os.listdir(folder)) - before:
-        os.remove(folder / name)
+def saved_files(tiny_models, leave_as_found):
+    """The session's shared models/diffusion_models, left as it was found."""
+    return leave_as_found(tiny_models / "diffusion_models")
 
 
 def _save_and_list(server, folder, filename):

@@ -77,7 +77,7 @@ def test_a_vae_folder_is_not_converted_into_itself(tiny_dir, tmp_path, no_weight
 
 # --- the output is checked before any weight is read --------------------------------------------------------------
 
-def test_bad_outputs_are_refused_before_any_weight_is_read(tiny_dir, tmp_path, no_weights_read, monkeypatch):
+def test_bad_outputs_are_refused_before_any_weight_is_read(tiny_dir, tmp_path, no_weights_read, read_only):
     (tmp_path / "a_file").write_text("")
     (tmp_path / "folder.safetensors").mkdir()
     os.symlink(tmp_path / "loop_b", tmp_path / "loop_a")
@@ -91,15 +91,8 @@ def test_bad_outputs_are_refused_before_any_weight_is_read(tiny_dir, tmp_path, n
         with pytest.raises(NextStepError, match=expected) as e:
             C.convert(tiny_dir, str(dst), "bf16")
         assert "\n" not in str(e.value)
-    real = fs.tempfile.TemporaryFile
-
-    def read_only(*a, dir=None, **k):  # root may write anywhere, so the denial is simulated where it surfaces
-        if str(dir).startswith(str(tmp_path / "ro")):
-            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
-        return real(*a, dir=dir, **k)
-
     (tmp_path / "ro").mkdir()
-    monkeypatch.setattr(fs.tempfile, "TemporaryFile", read_only)
+    read_only(tmp_path / "ro")
     with pytest.raises(NextStepError, match="convert: cannot write into .*ro/new: permission denied"):
         C.convert(tiny_dir, str(tmp_path / "ro" / "new" / "x.safetensors"), "bf16")
     assert sorted(os.listdir(tmp_path)) == ["a_file", "folder.safetensors", "loop_a", "loop_b", "ro"]
@@ -173,31 +166,8 @@ def test_integer_tensors_are_kept_as_they_are(tiny_dir, tmp_path):
 
 # --- the temporary file ---------------------------------------------------------------------------------------------
 
-class _FullDisk:
-    """A file whose writes fail with ENOSPC once `room` bytes are written, as a full disk does."""
-
-    def __init__(self, f, room):
-        self.f, self.room = f, room
-
-    def write(self, b):
-        self.room -= len(memoryview(b).cast("B"))
-        if self.room < 0:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return self.f.write(b)
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
-
-
-def test_disk_full_is_one_line_and_leaves_no_partial_file(tiny_dir, tmp_path, monkeypatch):
-    real = fs.os.fdopen
-    monkeypatch.setattr(fs.os, "fdopen", lambda fd, mode: _FullDisk(real(fd, mode), 50_000))
+def test_disk_full_is_one_line_and_leaves_no_partial_file(tiny_dir, tmp_path, full_disk):
+    full_disk(50_000)
     out = tmp_path / "new" / "x.safetensors"
     with pytest.raises(NextStepError) as e:
         C.convert(tiny_dir, str(out), "bf16")

@@ -135,36 +135,13 @@ def test_real_permissions(model):
 
 # --- writing --------------------------------------------------------------------------------------------------------
 
-class FullDisk:
-    """A file on a disk that fills up after `room` bytes (ENOSPC from write, as a real full disk answers)."""
-
-    def __init__(self, f, room):
-        self.f, self.room = f, room
-
-    def write(self, b):
-        self.room -= len(memoryview(b).cast("B"))
-        if self.room < 0:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return self.f.write(b)
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
-
-
 def _generate(model, out, *more):
     return ("generate", "--model", model, "--prompt", "x", "--width", "16", "--height", "16", "--steps", "1",
             "--dtype", "float32", "-o", out, *more)
 
 
-def test_a_full_disk_when_writing_an_image(model, tmp_path, capsys, monkeypatch):
-    real = fs.os.fdopen
-    monkeypatch.setattr(fs.os, "fdopen", lambda fd, mode: FullDisk(real(fd, mode), 100))
+def test_a_full_disk_when_writing_an_image(model, tmp_path, capsys, full_disk):
+    full_disk(100)
     out = tmp_path / "out" / "x.png"
     code, line = run_main(capsys, *_generate(model, out))
     assert code == 2 and line == f"error: cannot write {out}: no space left on the disk: free some space or choose " \
@@ -172,7 +149,8 @@ def test_a_full_disk_when_writing_an_image(model, tmp_path, capsys, monkeypatch)
     assert not (tmp_path / "out").exists()  # no .part, and not the folder made for it
 
 
-def test_a_folder_that_cannot_be_written_is_refused_before_loading(model, tmp_path, capsys, monkeypatch):
+def test_a_folder_that_cannot_be_written_is_refused_before_loading(model, tmp_path, capsys, monkeypatch,
+                                                                    read_only):
     from nextstep_core.weights import loading
 
     monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
@@ -180,15 +158,8 @@ def test_a_folder_that_cannot_be_written_is_refused_before_loading(model, tmp_pa
     os.symlink(tmp_path / "a", tmp_path / "b")
     code, line = run_main(capsys, *_generate(model, tmp_path / "a" / "x.png"))
     assert code == 2 and "symbolic link that loops back on itself" in line and line.startswith("error: -o: cannot write")
-    real = fs.tempfile.TemporaryFile
-
-    def read_only(*a, dir=None, **k):
-        if str(dir) == str(tmp_path / "ro"):
-            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
-        return real(*a, dir=dir, **k)
-
     (tmp_path / "ro").mkdir()
-    monkeypatch.setattr(fs.tempfile, "TemporaryFile", read_only)
+    read_only(tmp_path / "ro")
     code, line = run_main(capsys, *_generate(model, tmp_path / "ro" / "new" / "x.png"))
     assert code == 2 and line == f"error: -o: cannot write into {tmp_path / 'ro' / 'new'}: permission denied: the " \
                                  "user running this has no write access to it or to a folder on its path (check " \

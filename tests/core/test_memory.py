@@ -121,17 +121,6 @@ def test_weights_are_counted_as_the_loader_keeps_them(tiny_dir, tmp_path):
 
 # --- the command line refuses before loading ----------------------------------------------------------------------
 
-@pytest.fixture
-def no_loading(monkeypatch):
-    from nextstep_core.weights import loading
-
-    def refuse(*a, **k):
-        raise AssertionError("weights were loaded before the memory check")
-
-    monkeypatch.setattr(loading, "load_model", refuse)
-    monkeypatch.setattr(loading, "load_vae", refuse)
-
-
 def test_the_command_line_refuses_a_huge_batch_before_loading(tiny_dir, tmp_path, capsys, no_loading, no_psutil):
     """500 prompts x 64 images at 256x256: on a 23 GB machine this once ran to 21 GB before anyone stopped it."""
     from nextstep_core.frontend.cli import main

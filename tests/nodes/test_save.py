@@ -14,13 +14,9 @@ def node(pack, name="NextStepSaveModel"):
 
 
 @pytest.fixture
-def out_dir(models_dir):
-    """models/diffusion_models, emptied again after the test (the models folder is shared by the session)."""
-    d = models_dir / "diffusion_models"
-    before = set(os.listdir(d))
-    yield d
-    for name in set(os.listdir(d)) - before:
-        os.remove(d / name)
+def out_dir(models_dir, leave_as_found):
+    """models/diffusion_models, shared by the session: emptied again after the test."""
+    return leave_as_found(models_dir / "diffusion_models")
 
 
 def test_it_writes_what_convert_writes_and_the_loader_lists_it(pack, models_dir, out_dir, tmp_path):
@@ -43,8 +39,6 @@ def test_a_loaded_model_is_converted_from_the_files_it_came_from(pack, models_di
     assert (out_dir / "sub" / "from_loaded.safetensors").read_bytes() == open(cli, "rb").read()
     loader = node(pack, "NextStepModelLoader")
     assert loader.load(name, "auto", "sdpa", False)[0].module.quant is None
-    os.remove(out_dir / "sub" / "from_loaded.safetensors")
-    os.rmdir(out_dir / "sub")
 
 
 def test_an_existing_name_is_refused_before_any_work_unless_overwrite(pack, out_dir, monkeypatch):
