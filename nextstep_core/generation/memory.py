@@ -31,7 +31,7 @@ def generation_bytes(cfg, dtype: torch.dtype, rows: int, prompt_len: int, tokens
                      images: int | None = None) -> dict[str, int]:
     """{part: bytes} that `sample` allocates for `rows` guidance rows, `prompt_len` prompt slots and `tokens` image
     tokens, besides the weights. `images` (default: rows, an upper bound) sets the size of the result."""
-    from ..model.decoder import KVCache
+    from ..model.kv_cache import KVCache
 
     elem = dtype.itemsize
     seq = prompt_len + tokens

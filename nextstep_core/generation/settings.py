@@ -11,7 +11,7 @@ position table of models that have one).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from ..errors import NextStepError
 from ..model.family import family_of
@@ -88,9 +88,6 @@ class SamplerSettings:
         elif self.compile_head and self.head_loop != "fused":
             problems.append(f"compile_head compiles the fused head loop; use head loop 'fused' with it, not "
                             f"{self.head_loop!r}")
-        if self.steps_end is not None and self.fast in ("graph", "static"):
-            problems.append("step annealing (steps_end) changes the head's step count per token, which the "
-                            "fixed-shape fast path cannot; use fast 'auto' or 'eager' with it")
         if model_config is not None and model_config.use_gen_pos_embed and not problems:
             side = model_config.base_image_grid_size * step
             if self.width > side or self.height > side:
@@ -99,6 +96,22 @@ class SamplerSettings:
         if problems:
             raise NextStepError("; ".join(problems) + ".")
         return self
+
+
+# What a captured per-token step bakes in (graph.py keys kept steps on these values): shapes and the head's time grid
+# and update rule. Every other field is read per call (noise, guidance scales and the step count per token go through
+# buffers; `fast` picks the path). Each field is in exactly one of the two sets, checked at import, so a new field
+# cannot be left out of the key by accident.
+GRAPH_BAKED = frozenset({"width", "height", "images_per_prompt", "steps", "timesteps_shift", "sampler", "use_norm",
+                         "head_loop", "compile_head"})
+GRAPH_FREE = frozenset({"cfg", "cfg_img", "cfg_schedule", "steps_end", "seed", "noise", "fast"})
+if GRAPH_BAKED | GRAPH_FREE != {f.name for f in fields(SamplerSettings)} or GRAPH_BAKED & GRAPH_FREE:
+    raise AssertionError("every SamplerSettings field must be declared in exactly one of GRAPH_BAKED / GRAPH_FREE")
+
+
+def graph_baked(settings: SamplerSettings) -> tuple:
+    """The values of the fields a captured step bakes in, by name."""
+    return tuple((name, getattr(settings, name)) for name in sorted(GRAPH_BAKED))
 
 
 def _is_int(v) -> bool:

@@ -86,12 +86,13 @@ def _nbytes(dtype: torch.dtype, shape) -> int:
     return int(torch.Size(shape).numel()) * dtype.itemsize
 
 
-def _plan(path: str, name: str, shape, stored: str, target: str) -> list:
-    """[(key, dtype, shape)] written for one source tensor stored as `stored` (a safetensors dtype name)."""
+def _plan(path: str, name: str, shape, stored: str, target: str, keep: bool = False) -> list:
+    """[(key, dtype, shape)] written for one source tensor stored as `stored` (a safetensors dtype name); `keep`:
+    written as it is."""
     dtype = FROM_ST.get(stored)
     if dtype is None:
         raise unsupported_dtype(path, name, stored)
-    if not dtype.is_floating_point:  # ids, masks: kept as they are
+    if keep or not dtype.is_floating_point:  # ids, masks, a packed folder's int4 codes: kept as they are
         return [(name, dtype, tuple(shape))]
     quantised = stored_plan(name, shape, target) if target in QUANT_FORMATS else None
     return quantised or [(name, _FLOAT.get(target, torch.bfloat16), tuple(shape))]
@@ -183,6 +184,11 @@ def plan_conversion(src: str, dst: str, dtype: str = "bf16", keep_lm_head: bool 
         return _plan_vae(src, dst, base, dtype)
     source, raw = model_source(src)
     _check_not_source(dst, source.path, source.files)
+    kept = set()  # keys written as they are: an AutoRound / GPTQ layer's int4 codes, scale and zero
+    if source.packed is not None:  # dequantised exactly, except that int4 keeps the codes where the groups map
+        kept = source.packed.int4_keys() if dtype == "int4" else set()
+        source = source.packed.view(keep_int4=dtype == "int4", marker=False)
+        raw = {k: v for k, v in raw.items() if k != "quantization_config"}
     quant = source.metadata.get("nextstep_quant")
     if quant == dtype:
         raise CheckpointError(f"{src} is already an {quant} file: load it as it is, there is nothing to convert.")
@@ -190,7 +196,7 @@ def plan_conversion(src: str, dst: str, dtype: str = "bf16", keep_lm_head: bool 
         raise CheckpointError(f"{src} is already quantised as {quant}, so it cannot become {dtype}: convert from the "
                               "original bf16/fp32 weights (the model folder).")
     keys = [k for k in source.shapes if keep_lm_head or not k.startswith("lm_head.")]
-    items = [(k, _plan(source.key_files[k], k, source.shapes[k], source.dtypes[k], dtype)) for k in keys]
+    items = [(k, _plan(source.key_files[k], k, source.shapes[k], source.dtypes[k], dtype, k in kept)) for k in keys]
     choice = model_config_from_dict(raw, source.path, source.path, family).family_choice
     logging.getLogger("nextstep").log(logging.WARNING if choice.guessed else logging.INFO, "%s: family: %s",
                                       source.path, choice.describe())
@@ -210,8 +216,9 @@ def plan_conversion(src: str, dst: str, dtype: str = "bf16", keep_lm_head: bool 
         for k in (META_TOKENIZER, META_TOKENIZER_CONFIG, META_VAE_CONFIG):
             if k in source.metadata:
                 meta[k] = source.metadata[k]
-    get = _lazy_get(source.key_files)
-    return _job(src, dst, base, dtype, items, lambda k: _convert_one(k, get(k), dtype), meta)
+    get = source.reader.get if source.reader else _lazy_get(source.key_files)
+    return _job(src, dst, base, dtype, items, lambda k: [get(k)] if k in kept else _convert_one(k, get(k), dtype),
+                meta)
 
 
 def _plan_vae(src: str, dst: str, base: str, dtype: str) -> Conversion:

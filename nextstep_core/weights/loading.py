@@ -3,7 +3,9 @@
 Accepted model inputs:
 - a folder in the official Hugging Face layout: `config.json`, `model.safetensors` or shards with
   `model.safetensors.index.json`, `tokenizer.json` (+ `tokenizer_config.json`), optionally `vae/`;
-- one `.safetensors` file whose metadata carries the config and tokenizer (written by `convert`).
+- one `.safetensors` file whose metadata carries the config and tokenizer (written by `convert`);
+- a folder quantised by AutoRound / GPTQ (4-bit, `quantization_config` in config.json): read through `gptq.py`,
+  its packed linears arriving in our int4 file layout.
 Accepted VAE inputs: a folder with `config.json` + `checkpoint.pt` (or `*.safetensors`), or one `.safetensors`
 file with the config in its metadata.
 
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig, model_config_from_dict, read_json, vae_config_from_dict
+from .gptq import PackedCheckpoint, packed_format, packed_layers
 from ..errors import CheckpointError, NextStepError
 from ..fs import fs_error, is_file, list_folder
 from .identify import AUTO, MODEL, VAE, kind_of_config, kind_of_safetensors, wrong_kind
@@ -67,6 +70,8 @@ class Source:
     shapes: dict  # key -> tuple
     dtypes: dict  # key -> str
     metadata: dict = field(default_factory=dict)
+    packed: object = None  # gptq.PackedCheckpoint of an AutoRound / GPTQ folder (its keys are then a view)
+    reader: object = None  # reads every key of such a view by name; None: each key from its own file
 
     @property
     def files(self) -> list[str]:
@@ -125,6 +130,9 @@ def model_source(path: str) -> tuple[Source, dict]:
                 raise CheckpointError(f"{path} has config.json but no model*.safetensors weights. Download the "
                                       "model's safetensors shards into this folder.")
             src = scan_safetensors(files, path, "folder")
+        fmt = packed_format(raw, os.path.join(path, "config.json"))
+        if fmt is not None:  # AutoRound / GPTQ: the packed linears as our int4 layout
+            src = PackedCheckpoint(src, fmt, packed_layers(src.shapes, fmt, path)).view()
         return src, raw
     if os.path.isfile(path) and path.endswith((".safetensors", ".sft")):
         src = scan_safetensors([path], path, "file")
@@ -167,7 +175,7 @@ def stream_into(module: nn.Module, src: Source, keys: list[str], dtype: torch.dt
     for k in keys:
         fpath = src.key_files[k]
         try:
-            reader = readers.get(fpath) or readers.setdefault(fpath, TensorReader(fpath))
+            reader = src.reader or readers.get(fpath) or readers.setdefault(fpath, TensorReader(fpath))
             t = reader.get(k)
         except CheckpointError:
             raise
@@ -202,6 +210,18 @@ def check_keys(expected: dict, src: Source, what: str, optional=()) -> list[str]
 
 def expected_shapes(module: nn.Module) -> dict:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def stored_layout(expected: dict, src: Source, quant: str | None) -> dict:
+    """{key: shape} of a module's tensors as `src` holds them: our format's rule for `quant`, and int4 (two codes per
+    byte) for every layer whose `weight_zero` the source holds (an AutoRound / GPTQ folder decides layer by layer)."""
+    from .quant import stored_shapes
+
+    shapes = dict(stored_shapes(expected, None if src.packed is not None else quant))
+    for k, s in expected.items():
+        if k.endswith(".weight") and k[: -len("weight")] + "weight_zero" in src.shapes:
+            shapes[k] = (s[0], s[1] // 2)
+    return shapes
 
 
 def load_vae(path: str, dtype="float32", device=None, operations=None):
@@ -329,7 +349,7 @@ def load_model(path: str, dtype="bfloat16", device=None, operations=None, attn_b
     """
     from .cpu_pack import pack_linears
     from ..model.decoder import NextStep
-    from .quant import QUANT_FORMATS, QUANT_SUFFIXES, prepare_quantized, quantized_operations, stored_shapes
+    from .quant import QUANT_FORMATS, QUANT_SUFFIXES, prepare_quantized, quantized_operations
 
     cfg, src = read_model_config(path, family)
     dtype, device = parse_dtype(dtype), torch.device(device or "cpu")
@@ -347,6 +367,8 @@ def load_model(path: str, dtype="bfloat16", device=None, operations=None, attn_b
     tok = load_tokenizer(src)
     tok.check_against(cfg, src.path)
     quant = src.metadata.get("nextstep_quant")
+    if src.packed is not None:
+        src.packed.check_loadable()
     if quantize is not None and quant is not None and quantize != quant:
         raise NextStepError(f"{src.path} is already quantised as {quant}; it cannot be loaded as {quantize}.")
     if quantize is not None and quantize not in QUANT_FORMATS:
@@ -360,7 +382,7 @@ def load_model(path: str, dtype="bfloat16", device=None, operations=None, attn_b
     with torch.device("meta"):
         model = NextStep(cfg, ops, attn_backend, with_lm_head=load_lm_head)
     expected = expected_shapes(model)
-    expected = stored_shapes(expected, None if quantize else quant)  # int4 files: two codes per byte
+    expected = stored_layout(expected, src, None if quantize else quant)  # int4: two codes per byte
     optional = {"gen_pos_embed"} | ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
     unexpected = check_keys(expected, src, "model", optional)
     unexpected = [k for k in unexpected if not k.startswith(_SKIPPABLE) and not k.endswith("rotary_emb.inv_freq")

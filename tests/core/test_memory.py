@@ -12,7 +12,7 @@ import nextstep_core as ns
 from nextstep_core import Conditioning, NextStepError, SamplerSettings, sample
 from nextstep_core.generation import memory
 from nextstep_core.generation.loop import prompt_batch
-from nextstep_core.model.decoder import KVCache
+from nextstep_core.model.kv_cache import KVCache
 
 FAST = dict(width=32, height=32, steps=4, cfg=3.0)
 
@@ -88,7 +88,7 @@ def test_sample_counts_activations_not_only_the_kv_cache(tiny_model, monkeypatch
     prompt = prompt_batch(tiny_model, Conditioning(["a"]), 32, 32, 1, rows).input_ids.shape[1]
     kv = KVCache.bytes_per_token(tiny_model.config, tiny_model.dtype) * rows * (prompt + 4)
     monkeypatch.setattr(memory, "available_bytes", lambda device: int(2 * kv / memory.HEADROOM))
-    monkeypatch.setattr(tiny_model, "new_cache", lambda *a: pytest.fail("the cache was allocated before the check"))
+    monkeypatch.setattr(tiny_model, "setup_caches", lambda *a, **k: pytest.fail("allocated before the check"))
     with pytest.raises(NextStepError, match=r"this job needs .*KV cache .*activations .* is free on cpu: use fewer "
                                             r"images or a smaller size\.$"):
         sample(tiny_model, Conditioning(["a"]), SamplerSettings(**FAST))
