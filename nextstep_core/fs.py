@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import tempfile
 
 from .errors import NextStepError
@@ -113,10 +114,17 @@ def _make_folders(folder: str) -> list[str]:
     return made
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _create_beside(path: str) -> tuple[int, str]:
+    """A new file `.NAME.XXXXXXXX.part` beside `path`, opened for writing; its mode is 0o666 less the umask, as for any
+    new file (mkstemp's private 0o600 would need a chmod, and reading the umask means setting it, which races with
+    other threads of a server)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{secrets.token_hex(4)}.part")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def write_atomic(path: str, write) -> None:
@@ -131,12 +139,11 @@ def write_atomic(path: str, write) -> None:
     tmp = None
     try:
         made = _make_folders(os.path.dirname(path))
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".part")
+        fd, tmp = _create_beside(path)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())  # the data is on disk before the name points at it
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; the result gets the usual permissions
         os.replace(tmp, path)
     except BaseException as e:
         if tmp is not None:

@@ -176,10 +176,14 @@ def test_a_failed_command_creates_no_output_folders(model, tmp_path, capsys):
 
 
 def test_write_atomic_names_the_file_and_the_cause(tmp_path, monkeypatch):
-    def denied(*a, **k):
-        raise PermissionError(errno.EACCES, "Permission denied")
+    real = os.open
 
-    monkeypatch.setattr(fs.tempfile, "mkstemp", denied)
+    def denied(path, *a, **k):  # creating files in new/ fails, as in a folder the user may not write to
+        if os.fspath(path).startswith(str(tmp_path / "new")):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(os, "open", denied)
     with pytest.raises(NextStepError) as e:
         fs.write_atomic(str(tmp_path / "new" / "x.png"), lambda f: f.write(b"x"))
     assert str(e.value) == f"cannot write {tmp_path / 'new' / 'x.png'}: permission denied: the user running this " \
