@@ -1,4 +1,4 @@
-"""`python -m nextstep_core info | generate | convert` — the engine without ComfyUI."""
+"""`python -m nextstep_core info | generate | convert | doctor` — the engine without ComfyUI."""
 from __future__ import annotations
 
 import argparse
@@ -181,6 +181,12 @@ class _Bar:
         sys.stderr.write("\n")
 
 
+def _doctor(args) -> int:
+    from .doctor import main as doctor
+
+    return doctor(args.device, args.json, args.layers)
+
+
 def _convert(args) -> int:
     from ..weights.convert import plan_conversion
     from .info import size_text
@@ -242,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask", help="with an init: white = regenerate, black = keep (an image of the output's size)")
     g.add_argument("--keep-rows", type=int, help="with an init: keep the top K token rows (16 pixels each)")
     g.set_defaults(func=_generate)
+    dr = sub.add_parser("doctor", help="check every per-token path on this device: exactness, speed, memory")
+    dr.add_argument("--device", help="auto (default), cpu, cuda, cuda:N, mps")
+    dr.add_argument("--json", help="also write the report to this file (attach it to bug reports)")
+    dr.add_argument("--layers", type=int, help="decoder layers of the random model (default 2 on CUDA, 1 elsewhere)")
+    dr.set_defaults(func=_doctor)
     c = sub.add_parser("convert", help="one .safetensors (bf16/fp16/fp32/fp8/int8/int4) from a model or VAE")
     c.add_argument("src")
     c.add_argument("dst")
