@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -63,13 +65,14 @@ def _check(args) -> _Job:
     latents_out = latents_output(args.save_latents) if args.save_latents else None
 
     model_path = resolve_model(args.model, args.download_dir)
-    model_config, _ = read_model_config(model_path, family=args.family)  # config.json and file headers only
+    model_config, source = read_model_config(model_path, family=args.family)  # config.json and file headers only
     settings = _settings(model_config.family, edit, given).validate(model_config)
     vae_path = os.path.expanduser(args.vae) if args.vae else find_vae_for_model(model_path)
     if vae_path is None:
         raise NextStepError(f"{model_path} has no vae/ folder: pass --vae with the f8ch16 tokenizer folder.")
     if not os.path.exists(vae_path):
         raise NextStepError(f"the VAE {vae_path} does not exist.")
+    _check_memory(model_config, source, vae_path, settings, len(args.prompt), pixels, dtype, device)
     if args.model == "tiny":
         print(f"tiny demo: {settings.width}x{settings.height}, {settings.steps} head steps (give --width, --height, "
               "--steps to change)", file=sys.stderr)
@@ -79,6 +82,27 @@ def _check(args) -> _Job:
             torch.set_num_threads(1)  # its matrices are too small to share: threads only wait on each other
     return _Job(model_path, vae_path, model_config.family, settings, pixels, device, dtype, outputs,
                 latents_out, keep)
+
+
+def _check_memory(cfg, source, vae_path, settings, n_prompts, pixels, dtype, device) -> None:
+    """The whole job against the free memory, from configs and headers: a batch that cannot fit stops here, not
+    with an allocation failure after the model has loaded. The prompt is counted as DEFAULT_PROMPT_TOKENS (plus the
+    largest edit image's tokens); `sample` checks again with the tokenised prompts."""
+    from ..generation.loop import Conditioning, guidance_branches
+    from ..generation.memory import DEFAULT_PROMPT_TOKENS, check_job_fits, weight_bytes
+    from ..generation.plan import GenerationPlan
+    from ..generation.prompt import grid_size
+    from ..model.family import family_of
+    from ..weights.loading import _vae_files
+
+    h, w = grid_size(settings.width, settings.height, cfg)
+    edit_tokens = max((px.shape[1] // cfg.down_factor) * (px.shape[2] // cfg.down_factor) + 8 for px in pixels) \
+        if pixels else 0
+    branches = guidance_branches(Conditioning(["x"], edit_latents=pixels or None), settings.cfg, settings.cfg_img)
+    plan = GenerationPlan(settings, family_of(cfg), h, w, branches, DEFAULT_PROMPT_TOKENS + edit_tokens,
+                          n_prompts * settings.images_per_prompt)
+    keys = {k: v for k, v in source.shapes.items() if not k.startswith("lm_head.")}  # never loaded for images
+    check_job_fits(cfg, plan, weight_bytes(keys, source.dtypes, dtype), _vae_files(vae_path)[0], dtype, device)
 
 
 def _settings(family, edit: bool, given: dict):
@@ -164,11 +188,14 @@ def _doctor(args) -> int:
 
 
 def _convert(args) -> int:
-    from ..weights.convert import convert
+    from ..weights.convert import plan_conversion
+    from .info import size_text
 
     t0 = time.perf_counter()
-    out = convert(args.src, args.dst, args.dtype, keep_lm_head=args.keep_lm_head, family=args.family)
-    print(f"wrote {out} ({os.path.getsize(out) / 2**30:.2f} GiB) in {time.perf_counter() - t0:.1f} s")
+    job = plan_conversion(args.src, args.dst, args.dtype, keep_lm_head=args.keep_lm_head, family=args.family)
+    job.run()
+    # what this process wrote: another convert to the same name may have renamed its own file over it since
+    print(f"wrote {job.dst} ({job.dtype}, {size_text(job.size)}) in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -246,9 +273,20 @@ def _family_argument(parser) -> None:
                              "folder name, _name_or_path), else weak config evidence, else nextstep-1")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that it unwinds as Ctrl-C does: temporary files removed, one line."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
+    raise Terminated
+
+
 def main(argv=None) -> int:
     # torch is first imported in here (the parser's choices come from the engine), so that Ctrl-C while it loads
     # ends with one line too
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
@@ -258,6 +296,12 @@ def main(argv=None) -> int:
     except GenerationCancelled:
         print("cancelled", file=sys.stderr)
         return 130
+    except Terminated:
+        print("\nterminated", file=sys.stderr)
+        return 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

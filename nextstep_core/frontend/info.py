@@ -6,11 +6,13 @@ import os
 import torch
 
 from ..errors import CheckpointError
+from ..fs import is_file
 from ..weights.identify import AUTO, OVERRIDE_HINT, VAE, kind_of_path
 from ..weights.loading import _vae_files, check_keys, expected_shapes, load_tokenizer, read_model_config, stored_layout
 
 
-def _gib(n: int) -> str:
+def size_text(n: int) -> str:
+    """A file or memory size for people: GiB from a quarter of one, MiB below."""
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
@@ -18,6 +20,7 @@ def describe(path: str, family: str | None = AUTO) -> str:
     """What `path` is; for a model, the family with the rule that decided it (`family` overrides, as on load)."""
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
+        is_file(path, CheckpointError)  # a fault on the path (permission, a link loop) is named as itself
         raise CheckpointError(f"{path} does not exist.")
     return _describe_vae(path) if kind_of_path(path) == VAE else _describe_model(path, family)
 
@@ -49,7 +52,7 @@ def _describe_model(path: str, family: str | None) -> str:
         f"  stored as:   {', '.join(dtypes)}" + (f" (quantised {src.metadata['nextstep_quant']})"
                                                    if "nextstep_quant" in src.metadata and not src.packed else ""),
         *(src.packed.describe() if src.packed is not None else []),
-        f"  files:       {len(as_stored.files)} file(s), {_gib(size)}",
+        f"  files:       {len(as_stored.files)} file(s), {size_text(size)}",
         *[f"    {os.path.relpath(f, path) if src.kind == 'folder' else os.path.basename(f)}" for f in as_stored.files],
         f"  LM head:     {'present (not loaded for image generation)' if 'lm_head.weight' in src.shapes else 'absent'}",
         f"  tokenizer:   ok (BOS {tok.bos_token!r})",
