@@ -76,7 +76,7 @@ class NextStepSampler:
             n_img = len(conditioning.prompts) * batch_size
             init = sampler_init(latent, model.module, n_img, width, height, self.TITLE)
             rows = ns.guidance_branches(conditioning, cfg, cfg_img) * len(conditioning.prompts) * batch_size
-            need = ns.estimate_memory_bytes(model.module, width, height, rows)  # weights + KV cache + activations
+            need = ns.estimate_memory_bytes(model.module, width, height, rows, steps=steps)  # weights, cache, activations
             glue.load_to_device(model, need - glue.mm.module_size(model.module))
             # Previews stay in the model's token space (unit scale, like the normalised latents the RGB factors
             # expect); only the returned LATENT is converted to the VAE's raw space.

@@ -308,7 +308,7 @@ def fixed_step(model, plan, capture: bool) -> FixedStep | None:
         model.install_caches(kept.step.caches)
         return kept.step
     model.release_step_cache()
-    check_fits(model, plan.rows, cache_len(plan))
+    check_fits(model, plan.rows, cache_len(plan), plan=plan)
     step = FixedStep(model, plan, capture)
     model.step_cache = StepCache(step.key, step)
     return step

@@ -130,7 +130,7 @@ class PlainStep:
     fallback = None
 
     def __init__(self, model, plan: GenerationPlan):
-        check_fits(model, plan.rows, plan.prompt_len + plan.total)
+        check_fits(model, plan.rows, plan.prompt_len + plan.total, plan=plan)
         self.model, self.plan = model, plan
         model.setup_caches(plan.rows, plan.prompt_len + plan.total - 1)  # the last token is never fed back
         self.pos_rows = plan.pos_rows(model)
