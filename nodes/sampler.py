@@ -54,6 +54,11 @@ class NextStepSampler:
                                              "to this at the last (50 -> 5 took 0.70x the time of 50 in the CPU benchmark; on "
                                              "NVIDIA GPUs it runs on CUDA graphs too). 0 = off."}),
             "latent": ("LATENT", {"tooltip": LATENT_TOOLTIP}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                  "tooltip": "Variation strength, with a latent: 1 generates the image anew; lower "
+                                             "values start each token part-way from the latent's own token, so the "
+                                             "result stays closer to it (0.5: half of the head's steps; 0: the latent "
+                                             "as it is). Tokens its noise_mask keeps (0) stay exact at any strength."}),
         }}
 
     @classmethod
@@ -66,13 +71,13 @@ class NextStepSampler:
         return True
 
     def sample(self, model, conditioning, seed, width, height, batch_size, cfg, cfg_img, cfg_schedule,
-               timesteps_shift, steps, sampler, use_norm, steps_end=0, latent=None):
+               timesteps_shift, steps, sampler, use_norm, steps_end=0, latent=None, denoise=1.0):
         with user_errors(self.TITLE):
             settings = ns.SamplerSettings(width=width, height=height, images_per_prompt=batch_size, cfg=cfg,
                                           cfg_img=cfg_img, cfg_schedule=cfg_schedule,
                                           timesteps_shift=timesteps_shift, steps=steps, steps_end=steps_end or None,
                                           sampler=None if sampler == "auto" else sampler, use_norm=use_norm,
-                                          seed=seed).validate(model.config)
+                                          seed=seed, denoise=denoise).validate(model.config)
             n_img = len(conditioning.prompts) * batch_size
             init = sampler_init(latent, model.module, n_img, width, height, self.TITLE)
             rows = ns.guidance_branches(conditioning, cfg, cfg_img) * len(conditioning.prompts) * batch_size
