@@ -85,10 +85,12 @@ def build_model(size: str, dev, dtype, tok_dir: str):
     with torch.device("meta"):
         model = NextStep(cfg, quantized_operations("fp8"))  # QuantLinear == nn.Linear while weight_scale is None
     model = model.to(dtype).to_empty(device=dev)
-    gen = torch.Generator(device=dev).manual_seed(0)
+    table = model.embed_tokens.weight  # the table lives on the host (NextStep.HOST_MODULES)
+    model.embed_tokens.weight = torch.nn.Parameter(torch.empty_like(table, device="cpu"), requires_grad=False)
+    gens = {d: torch.Generator(device=d).manual_seed(0) for d in {dev, torch.device("cpu")}}
     with torch.no_grad():
         for name, p in model.named_parameters():
-            init_(name, p, gen)
+            init_(name, p, gens[p.device])
         if model.gen_pos_embed is not None:
             model.gen_pos_embed = sincos_2d_table(cfg.hidden_size, cfg.base_image_grid_size)[None].to(dev, dtype)
     model.tokenizer = tok

@@ -108,7 +108,7 @@ def prompt_batch(model, cond: Conditioning, width: int, height: int, images_per_
 
 
 def _embed(model, batch, cond: Conditioning, n_per_prompt: int, device):
-    x = model.embed_text(batch.input_ids.to(device))
+    x = model.embed_text(batch.input_ids)
     if not batch.rows_with_image:
         return x
     p = model.config.latent_patch_size

@@ -18,6 +18,7 @@ K/V heads natively (`attention.attention`).
 """
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -169,13 +170,35 @@ def sincos_2d_table(dim: int, grid: int) -> torch.Tensor:
     return torch.cat([one_axis(dim // 2, cols), one_axis(dim // 2, rows)], dim=1).float()
 
 
+@functools.lru_cache(maxsize=None)
+def host_pinned(base: type) -> type:
+    """`base` (an Embedding class, the host's own included) whose weights follow dtype casts but never leave the host:
+    moves of the whole model and a host's per-module moves (ComfyUI loads module by module) alike. What a move's
+    `fn` does is read off a one-element probe tensor."""
+
+    class HostPinned(base):
+        def _apply(self, fn, recurse=True):
+            w = next((t for t in self.parameters(recurse=False) if t.is_floating_point()), None)
+            if w is None or w.device.type == "meta":  # built on meta: materialised wherever the loader puts it
+                return super()._apply(fn, recurse)
+            target = fn(torch.zeros(1, dtype=w.dtype)).dtype
+            return super()._apply(lambda t: t.to(target) if t.is_floating_point() else t, recurse)
+
+    HostPinned.__name__ = f"HostPinned{base.__name__}"
+    return HostPinned
+
+
 class NextStep(nn.Module):
+    # Kept on the host whatever device the model moves to: the token-embedding table (1.56 GB at the real size) is
+    # read once per generation, for the prompt, and only the embedded prompt goes to the device.
+    HOST_MODULES = ("embed_tokens",)
+
     def __init__(self, cfg: ModelConfig, operations=None, attn_backend: str = "sdpa", with_lm_head: bool = False):
         super().__init__()
         ops = operations or nn  # a host (ComfyUI) may hand in its own Linear / Embedding / LayerNorm classes
         self.config = cfg
         self.attn_backend = attn_backend
-        self.embed_tokens = ops.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = host_pinned(ops.Embedding)(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, ops, attn_backend) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = ops.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if with_lm_head else None
@@ -256,12 +279,14 @@ class NextStep(nn.Module):
         return self.norm(x)
 
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(ids)
+        """Prompt ids [B, S] -> embeddings [B, S, H] on the model's device (the table stays on the host)."""
+        table = self.embed_tokens.weight
+        return self.embed_tokens(ids.to(table.device)).to(self.device)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
             raise RuntimeError("This model was loaded without its LM head; load it with load_lm_head=True.")
-        return self.lm_head(hidden)
+        return self.lm_head(hidden.to(self.lm_head.weight.device))  # a head tied to the table is on the host
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -189,7 +189,8 @@ def stream_into(module: nn.Module, src: Source, keys: list[str], dtype: torch.dt
             continue
         if t.is_floating_point() and not keep_dtype(k, t):
             t = t.to(dtype)
-        set_tensor(module, k, t.to(device))
+        host = k.split(".", 1)[0] in getattr(module, "HOST_MODULES", ())  # the model keeps these on the host
+        set_tensor(module, k, t if host else t.to(device))
         del t
 
 
