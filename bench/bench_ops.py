@@ -4,6 +4,7 @@
     python bench/bench_ops.py --repo /tmp/before     # the same count for another checkout (e.g. git main @7aa9e5f)
     python bench/bench_ops.py --json out.json
     python bench/bench_ops.py --quant                # also: ops per decoder layer with bf16 / int8 / int4 weights
+    python bench/bench_ops.py --compiled             # also: kernels per token of the compiled step (Inductor, CPU)
 
 Every ATen op the fixed-shape per-token step dispatches on the model's device is counted (`TorchDispatchMode`),
 except views and allocations, which launch no kernel, and host-side work on CPU tensors (the time grid's scalars).
@@ -192,12 +193,78 @@ def quant_layer_ops(fmts=("bf16", "int8", "int4")) -> dict:
     return out
 
 
+def compiled_kernels(dtype=torch.bfloat16, layers: int = 48, steps: int = 50, branches: int = 2) -> dict:
+    """Kernels per image token of the compiled fixed-shape step at the real geometry, from Inductor's own metrics on
+    the CPU (the closest proxy this machine has for what a GPU launches): the kernels Inductor generates for the
+    compiled decoder layer and head step, plus their extern calls (matmuls, attention), times how often a token runs
+    each; plus every op the step runs outside the two compiled blocks, counted as above (meta tensors)."""
+    import torch._inductor.metrics as metrics
+    from torch._dynamo.utils import counters
+
+    from nextstep_core.generation import compile as compiling
+    from nextstep_core.generation.graph import FixedStep
+    from nextstep_core.generation.plan import GenerationPlan
+    from nextstep_core.model.attention import RowSlots
+    from nextstep_core.model.family import family_of
+
+    def inductor_kernels(fn, *args) -> dict:
+        torch._dynamo.reset()
+        metrics.reset()
+        counters.clear()
+        with torch.inference_mode():
+            torch.compile(fn, fullgraph=True, dynamic=False)(*args)
+        return {"generated": metrics.generated_kernel_count, "extern": counters["inductor"]["extern_calls"]}
+
+    model = build(1, dtype, True)  # one real layer and the real head, with real memory on the CPU
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    cfg = model.config
+    total, prompt = 1024, 64
+    max_len = prompt + total + 2
+    model.setup_caches(branches, max_len)
+    pos = torch.tensor([prompt + 10])
+    mask = RowSlots(torch.zeros(branches, dtype=torch.long), max_len, dtype).decode_mask(pos, max_len, model.group)
+    x = torch.randn(branches, 1, cfg.hidden_size, dtype=dtype)
+    table = model.rope_rows(max_len, dtype, "cpu").index_select(0, pos)
+    layer = inductor_kernels(compiling._run_layer, model.layers[0], x, table, pos, mask, max_len)
+    plan = GenerationPlan(settings_for(steps, "fused").validate(), family_of(cfg), 32, 32, branches, prompt, 1)
+    head_plan = plan.head_plan(model, steps)
+    c = torch.randn(branches, cfg.hidden_size, dtype=dtype)
+    mods = model.image_head.modulations(head_plan.grid_dev[:steps], c, head_plan.temb, plus_one=True)
+    xt = torch.randn(1, cfg.token_dim)
+    head = inductor_kernels(compiling._head_update, model.image_head, xt, [m[1:2] for m in mods], branches,
+                            torch.tensor(7.5), torch.tensor(0.9), torch.tensor(0.1), torch.zeros(1, cfg.token_dim))
+    # everything else of a token: the same step on meta tensors, the two blocks stood in by no-ops
+    meta = build(layers, dtype, True)
+    plan = GenerationPlan(settings_for(steps, "fused").replace(compile="on").validate(), family_of(cfg), 32, 32,
+                          branches, prompt, 1)
+    saved = compiling.run_layer, compiling.head_update
+    compiling.run_layer = lambda layer, x, *a: x
+    compiling.head_update = lambda head, x, *a: x
+    try:
+        with torch.inference_mode():
+            step = FixedStep(meta, plan, capture=False)
+            step.compiled = True
+            spec = step._spec(0)
+            step._static_token(spec)
+            rest = count(lambda: step._static_token(spec)).total
+    finally:
+        compiling.run_layer, compiling.head_update = saved
+    per_layer = layer["generated"] + layer["extern"]
+    per_step = head["generated"] + head["extern"]
+    return {"decoder_layer": layer, "head_step": head, "per_decoder_layer": per_layer, "per_head_step": per_step,
+            "rest_per_token": rest, "per_token_50_steps": rest + layers * per_layer + steps * per_step}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repo", help="import nextstep_core from this checkout instead of this one")
     p.add_argument("--layers", type=int, default=48)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--quant", action="store_true", help="also count a decoder layer with int8 / int4 weights (CPU)")
+    p.add_argument("--compiled", action="store_true", help="also count the compiled step (Inductor's metrics, CPU)")
     p.add_argument("--json")
     a = p.parse_args(argv)
     repo = a.repo or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -228,6 +295,11 @@ def main(argv=None) -> int:
         print("\nops per decoder layer, decode step, by weight format (CPU, small checkpoint):")
         for fmt in ("bf16", "int8", "int4"):
             print(f"  {fmt:<5} separate {q[fmt + '/separate']:>3}  merged {q[fmt + '/merged']:>3}")
+    if a.compiled:
+        out["compiled"] = c = compiled_kernels(dtype, a.layers)
+        print(f"\ncompiled step (Inductor on the CPU): {c['per_token_50_steps']} kernels per token = "
+              f"{a.layers} x {c['per_decoder_layer']} per decoder layer {c['decoder_layer']} + 50 x {c['per_head_step']} "
+              f"per head step {c['head_step']} + {c['rest_per_token']} outside the compiled blocks")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)

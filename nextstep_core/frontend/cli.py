@@ -21,7 +21,7 @@ def _info(args) -> int:
 
 TINY_DEMO = dict(width=128, height=128, steps=8)  # a first run in seconds on a laptop CPU; the pictures are noise
 SETTING_ARGS = ("width", "height", "images_per_prompt", "cfg", "cfg_img", "cfg_schedule", "timesteps_shift", "steps",
-                "steps_end", "sampler", "use_norm", "seed", "noise", "fast", "head_loop", "compile_head")
+                "steps_end", "sampler", "use_norm", "seed", "noise", "fast", "head_loop", "compile", "denoise")
 
 
 @dataclass
@@ -201,7 +201,8 @@ def _convert(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..weights.loading import DTYPES
-    from ..generation.settings import CFG_SCHEDULES, FAST_MODES, HEAD_LOOPS, NOISE_MODES, SAMPLERS, SamplerSettings
+    from ..generation.settings import (CFG_SCHEDULES, COMPILE_MODES, FAST_MODES, HEAD_LOOPS, NOISE_MODES, SAMPLERS,
+                                      SamplerSettings)
 
     p = argparse.ArgumentParser(prog="python -m nextstep_core", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -239,9 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-token path: auto (default) = CUDA graphs on CUDA, the plain loop elsewhere; a graph is "
                         "checked against the plain step on its first token and left (with a warning) if they differ")
     g.add_argument("--head-loop", choices=HEAD_LOOPS, help="the head's sampling loop (default fused; all agree)")
-    g.add_argument("--compile-head", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the head's step where this device can (off by default; falls back with a "
-                        "warning)")
+    g.add_argument("--denoise", type=float, help="with --init-image / --init-latents: variation strength from 0 (the "
+                                                  "init itself) to 1 (default: a fresh image); see README, Variations")
+    g.add_argument("--compile", choices=COMPILE_MODES,
+                   help="torch.compile of the fixed-shape step's blocks: auto (default: on CUDA with Triton), on, off; "
+                        "falls back uncompiled with a warning where it cannot work")
     g.add_argument("-o", "--output", default="nextstep.png",
                    help="image file (.png, .jpg, .webp, ...; several images: numbered files)")
     g.add_argument("--save-latents", help="write tokens [B,T,64] and latents [B,16,H/8,W/8] to this .npz")

@@ -31,11 +31,12 @@ the plain loop at once. `SampleResult.path` says which path ran and `SampleResul
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..model.attention import RowSlots
+from . import compile as compiling
 from .memory import check_fits
 from .settings import graph_baked
 from .step import Slot, TokenInputs, TokenSpec, token_step
@@ -114,6 +115,7 @@ class FixedStep:
     def __init__(self, model, plan, capture: bool):
         dev, dtype, cfg = model.device, model.dtype, model.config
         self.model, self.capture = model, capture
+        self.compiled = compiling.wanted(plan.settings.compile, dev)  # its blocks through torch.compile
         self.max_len = cache_len(plan)
         model.rope_rows(self.max_len, dtype, dev)  # grown now, not under a graph that would keep reading the old one
         self.caches = model.setup_caches(plan.rows, self.max_len)
@@ -136,9 +138,10 @@ class FixedStep:
 
     @property
     def path(self) -> str:
+        """graph or static, with "+compile" while its blocks ran compiled; eager after a fallback."""
         if self.fallback is not None:
             return "eager"
-        return "graph" if self.capture else "static"
+        return ("graph" if self.capture else "static") + ("+compile" if self.compiled and compiling.active() else "")
 
     def begin(self, plan, c: torch.Tensor, start: torch.Tensor, noise_src, inits=None) -> None:
         """Start a generation on this (possibly kept) step: `c` is the prefill's last condition per row, `inits`
@@ -174,8 +177,8 @@ class FixedStep:
         steps = self.plan.steps_at(k)
         if steps not in self.specs:
             spec = self.plan.token_spec(self.model, k)
-            head = spec.head.for_graph_capture() if self.capture else spec.head  # no torch.compile under capture
-            self.specs[steps] = TokenSpec(head, spec.branches, spec.use_norm)
+            head = replace(spec.head, compiled=self.compiled and head_compiles(self.model.image_head, spec.head))
+            self.specs[steps] = TokenSpec(head, spec.branches, spec.use_norm, compiled=self.compiled)
         return self.specs[steps]
 
     def _static_token(self, spec: TokenSpec, forced=None, feed: bool = True) -> None:
@@ -190,8 +193,10 @@ class FixedStep:
         self._commit(tok, c)
 
     def _plain_token(self, k: int, spec: TokenSpec, forced=None, feed: bool = True) -> torch.Tensor:
-        """Token k by the plain loop's step on this step's caches and staged noise (attention over pos + 1 slots)."""
+        """Token k by the plain loop's step on this step's caches and staged noise (attention over pos + 1 slots),
+        uncompiled: it is the reference the fixed step is checked against."""
         model, plan = self.model, self.plan
+        spec = replace(spec, head=replace(spec.head, compiled=False), compiled=False)
         dev = self.c.device
         row = None if self.pos_rows is None else self.pos_rows[k]
         init = None if self.init is None else self.staged[2][k % self.chunk].to(dev)
@@ -279,6 +284,18 @@ class FixedStep:
         self.slot.zero_()
 
 
+def head_compiles(head, plan) -> bool:
+    """The head's step compiles only in the fused loop and with dense weights: quantised head layers dequantise once
+    per token outside the step (`quant.expanded_weights`)."""
+    if plan.loop != "fused":
+        return False
+    if any(getattr(m, "weight_scale", None) is not None for m in head.modules()):
+        compiling.warn_once("quantised head", "NextStep: the head has quantised layers; its step runs uncompiled "
+                                              "(the decoder layers are still compiled).")
+        return False
+    return True
+
+
 def _guarded(fn, path: str) -> None:
     try:
         fn()
@@ -300,6 +317,8 @@ def fixed_step(model, plan, capture: bool) -> FixedStep | None:
     """The kept step for this plan (its caches installed), a new one, or None when this key is known to be broken.
 
     A kept step of another key is released first, so its memory counts as free when the new one is allocated."""
+    if compiling.wanted(plan.settings.compile, model.device):
+        compiling.prepare(model)  # before the key: it changes where the weights live
     key = step_key(model, plan, capture)
     if key in model.broken_steps:
         return None

@@ -17,8 +17,8 @@ reference the others are tested against); "hoisted" computes the AdaLN modulatio
 (default) also runs each step in as few kernels as the arithmetic allows. Every update rule is linear in (x, v, ξ),
 x' = a x + b v + c ξ, with a, b, c fixed by the time grid, so the fused loop reads them from a table built once per
 generation (`StepCoefficients`, taken from `_update` itself), scales all of a token's noise in one op, and spends
-three ops per step on guidance + update. `SamplerSettings.compile_head` runs the fused loop's head step through
-`torch.compile` where that works (`compile.py`; optional, never required).
+three ops per step on guidance + update. On the fixed-shape path the fused loop's step (head, guidance and update)
+can run through `torch.compile` (`compile.py`, `HeadPlan.compiled`), with its coefficients as tensors.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .compile import guided_velocity, head_compile_ok, warn_once
+from . import compile as compiling
 from ..model.family import Family
 from ..weights.quant import expanded_weights
 from .settings import CFG_SCHEDULES, HEAD_LOOPS, SAMPLERS
@@ -78,11 +78,13 @@ class Guidance:
 
 @dataclass
 class StepCoefficients:
-    """x' = a x + b v + c ξ for each head step (Python floats, so a CUDA graph bakes them in); c as a tensor too."""
+    """x' = a x + b v + c ξ for each head step (Python floats, so a CUDA graph bakes them in); c as a tensor too, and
+    a, b as tensors for the compiled step (whose graph must not depend on the step)."""
     a: list
     b: list
     c: list
     c_dev: torch.Tensor | None  # [steps that draw noise] on the model's device; None for the ODE sampler
+    ab_dev: torch.Tensor | None = None  # [steps, 2] float32 on the model's device
 
     @classmethod
     def build(cls, grid: torch.Tensor, sampler: str, family: Family, device) -> "StepCoefficients":
@@ -101,7 +103,7 @@ class StepCoefficients:
                 column.append(value)
         n_noise = family.draws_needed(n_eval, noisy) - 1
         c_dev = torch.tensor(c[:n_noise], dtype=torch.float32, device=device)[:, None, None] if noisy else None
-        return cls(a, b, c, c_dev)
+        return cls(a, b, c, c_dev, torch.tensor([a, b], dtype=torch.float32, device=device).t().contiguous())
 
 
 @dataclass
@@ -114,7 +116,7 @@ class HeadPlan:
     family: Family
     loop: str = "fused"  # "plain" (per-step reference loop), "hoisted" or "fused": see the module docstring
     coef: StepCoefficients | None = None  # the fused loop's per-step coefficients (built when loop == "fused")
-    compiled: bool = False  # the fused loop's head step through torch.compile (compile.py); only where it works
+    compiled: bool = False  # the fused loop's step through torch.compile (compile.py): set by the fixed-shape path
     start: int = 0  # the first step evaluated: > 0 starts part-way from an init token (variation strength, denoise)
 
     def __post_init__(self):
@@ -127,22 +129,12 @@ class HeadPlan:
     def build(cls, head, family: Family, steps: int, settings, device, dtype) -> "HeadPlan":
         grid = family.time_grid(steps, settings.timesteps_shift)
         grid_dev = grid.to(device)
-        compiled = settings.compile_head and settings.head_loop == "fused" and head_compile_ok(head, device)
         return cls(grid, grid_dev, head.time_embeddings(grid_dev[:-1], dtype), settings.sampler, family,
-                   settings.head_loop, compiled=compiled, start=start_step(settings.denoise, len(grid) - 1))
+                   settings.head_loop, start=start_step(settings.denoise, len(grid) - 1))
 
     @property
     def draws(self) -> int:
         return self.family.draws_needed(len(self.grid) - 1, self.sampler != "euler")
-
-    def for_graph_capture(self) -> "HeadPlan":
-        """This plan without torch.compile (one warning when it had it): a compiled function's first run under
-        CUDA-graph capture is not safe, and the graph already removes the launch overhead compiling cuts."""
-        if not self.compiled:
-            return self
-        warn_once("graph", "compile_head is skipped on the CUDA-graph path (the graph already removes the launch "
-                           "overhead); use fast 'static' or 'eager' to run the compiled head step.")
-        return replace(self, compiled=False)
 
 
 def start_step(denoise: float, n_eval: int) -> int:
@@ -204,19 +196,33 @@ def _fused_loop(head, c, noise, plan: HeadPlan, guidance: Guidance, init):
     # every noise term of the token scaled at once: c_i ξ_i (the draws after x0, in step order)
     scaled = noise[1:1 + len(coef.c_dev)] * coef.c_dev if coef.c_dev is not None else None
     x = start_point(noise, init, plan)
-    if plan.compiled and guidance.branches == 2:  # the scale as a tensor: a float would be baked into the graph
-        w = torch.as_tensor(guidance.cfg, dtype=torch.float32, device=noise.device)
+    if plan.compiled and compiling.active():
+        return _compiled_loop(head, x, mods, scaled, plan, guidance, w)
     for i in range(plan.start, n_eval):
-        if plan.compiled:  # the step's slices of the modulations: the compiled step never sees the index
-            v = guided_velocity(head, x, [m[i:i + 1] for m in mods], guidance.branches, w, True)
-        else:
-            v = guidance.combine_rows(head.velocity_fused(x, mods, i, guidance.branches), w)
+        v = guidance.combine_rows(head.velocity_fused(x, mods, i, guidance.branches), w)
         a, b = coef.a[i], coef.b[i]
         if coef.c[i] != 0.0:
             base = torch.add(scaled[i], x, alpha=a)
         else:
             base = x if a == 1.0 else x * a
         x = torch.add(base, v, alpha=b)
+    return x
+
+
+def _compiled_loop(head, x, mods, scaled, plan: HeadPlan, guidance: Guidance, w):
+    """The fused loop through the compiled step (`compile.head_update`): everything that changes with the step goes
+    in as a tensor (its slices of the modulations, its coefficients, its scaled noise or zeros), so one graph serves
+    every step, token and step count."""
+    coef, rows = plan.coef, guidance.branches
+    n_eval = len(coef.a)
+    if rows == 2:  # the scale as a tensor: a float would be baked into the graph
+        w = torch.as_tensor(guidance.cfg, dtype=torch.float32, device=x.device)
+    terms = x.new_zeros(n_eval, *x.shape)
+    if scaled is not None:
+        terms[:len(scaled)] = scaled
+    ab = coef.ab_dev
+    for i in range(plan.start, n_eval):
+        x = compiling.head_update(head, x, [m[i:i + 1] for m in mods], rows, w, ab[i, 0], ab[i, 1], terms[i])
     return x
 
 

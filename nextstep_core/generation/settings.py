@@ -20,6 +20,7 @@ SAMPLERS = ("euler_maruyama", "euler", "flow_sde", "flow_cps")
 CFG_SCHEDULES = ("constant", "linear")
 NOISE_MODES = ("independent", "reference")
 FAST_MODES = ("auto", "graph", "static", "eager")
+COMPILE_MODES = ("auto", "on", "off")  # torch.compile of the fixed-shape step's blocks (compile.py)
 HEAD_LOOPS = ("fused", "hoisted", "plain")  # how the head's sampling loop runs (sampling.py); all give one result
 MAX_SIDE = 4096  # pixels; 512 is what the model was trained at
 MAX_STEPS = 1000
@@ -45,7 +46,7 @@ class SamplerSettings:
     noise: str = "independent"  # or "reference": the official pipeline's draws
     fast: str = "auto"  # per-token path: auto, graph, static, eager
     head_loop: str = "fused"  # "fused" (fewest kernels), "hoisted" or "plain" (the per-step reference loop)
-    compile_head: bool = False  # torch.compile the fused head step where it works (compile.py); never required
+    compile: str = "auto"  # the fixed-shape step's blocks through torch.compile: auto (CUDA with Triton), on, off
     denoise: float = 1.0  # variation strength with an init: 1 generates anew, 0.5 starts half-way from the init, 0 keeps it
 
     def replace(self, **changes) -> "SamplerSettings":
@@ -82,15 +83,14 @@ class SamplerSettings:
         for name, value, allowed in (("sampler", self.sampler, (None, *SAMPLERS)),
                                      ("cfg schedule", self.cfg_schedule, CFG_SCHEDULES),
                                      ("noise mode", self.noise, NOISE_MODES), ("fast mode", self.fast, FAST_MODES),
-                                     ("head loop", self.head_loop, HEAD_LOOPS)):
+                                     ("head loop", self.head_loop, HEAD_LOOPS), ("compile mode", self.compile,
+                                                                                 COMPILE_MODES)):
             if value not in allowed:
                 problems.append(f"unknown {name} {value!r}; choose one of {', '.join(a for a in allowed if a)}")
         if not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT:
             problems.append(f"seed must be a whole number from 0 to {SEED_LIMIT - 1}, got {self.seed!r}")
-        if not isinstance(self.compile_head, bool):
-            problems.append(f"compile_head must be True or False, got {self.compile_head!r}")
-        elif self.compile_head and self.head_loop != "fused":
-            problems.append(f"compile_head compiles the fused head loop; use head loop 'fused' with it, not "
+        if self.compile == "on" and self.head_loop != "fused":
+            problems.append(f"compile 'on' compiles the fused head loop; use head loop 'fused' with it, not "
                             f"{self.head_loop!r}")
         if model_config is not None and model_config.use_gen_pos_embed and not problems:
             side = model_config.base_image_grid_size * step
@@ -107,7 +107,7 @@ class SamplerSettings:
 # buffers; `fast` picks the path). Each field is in exactly one of the two sets, checked at import, so a new field
 # cannot be left out of the key by accident.
 GRAPH_BAKED = frozenset({"width", "height", "images_per_prompt", "steps", "timesteps_shift", "sampler", "use_norm",
-                         "head_loop", "compile_head", "denoise"})
+                         "head_loop", "compile", "denoise"})
 GRAPH_FREE = frozenset({"cfg", "cfg_img", "cfg_schedule", "steps_end", "seed", "noise", "fast"})
 if GRAPH_BAKED | GRAPH_FREE != {f.name for f in fields(SamplerSettings)} or GRAPH_BAKED & GRAPH_FREE:
     raise AssertionError("every SamplerSettings field must be declared in exactly one of GRAPH_BAKED / GRAPH_FREE")

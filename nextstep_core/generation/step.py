@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import compile as compiling
 from .sampling import Guidance, HeadPlan, sample_token
 
 
@@ -28,6 +29,7 @@ class TokenSpec:
     head: HeadPlan  # the head's time grid and sampler for this token's step count
     branches: int  # guidance rows per image: 1, 2 or 3
     use_norm: bool  # layer-normalise the sampled token
+    compiled: bool = False  # the decoder layers through torch.compile (compile.py; the head: `head.compiled`)
 
 
 @dataclass
@@ -62,7 +64,8 @@ def sample_image_token(model, spec: TokenSpec, x: TokenInputs) -> torch.Tensor:
 def feed_back(model, spec: TokenSpec, tok: torch.Tensor, slot: Slot) -> torch.Tensor:
     """Run `tok` [B, D] through the decoder at `slot` on every guidance row; the next condition [rows, hidden]."""
     emb = model.image_in_projector(tok).repeat(spec.branches, 1)[:, None]
-    return model(emb, slot.pos, slot.mask, slot.length)[:, -1]
+    run_layer = compiling.run_layer if spec.compiled else None
+    return model(emb, slot.pos, slot.mask, slot.length, run_layer)[:, -1]
 
 
 def decode_one_token(model, spec: TokenSpec, x: TokenInputs, slot: Slot) -> tuple[torch.Tensor, torch.Tensor]:

@@ -268,14 +268,17 @@ class NextStep(nn.Module):
         """Query heads per K/V head: a single query token attends as this many rows per K/V head."""
         return self.config.num_attention_heads // self.config.num_key_value_heads
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, length: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, length: int,
+                run_layer=None) -> torch.Tensor:
         """x [B, S, H] at cache slots `pos` [S] (a device tensor); attention reads the first `length` slots of every
         layer's cache under `mask` (`attention.prefill_mask` / `decode_mask`; None: all of them). Returns the
-        final-normed hidden states [B, S, H]."""
+        final-normed hidden states [B, S, H]. `run_layer(layer, x, rope_rows, pos, mask, length)` runs each layer
+        instead of calling it (the compiled one of `generation/compile.py`)."""
         table = self.rope_rows(length, x.dtype, x.device).index_select(0, pos)
         with use_backends(x.device, x.dtype, self.config.head_dim):
             for layer in self.layers:
-                x = layer(x, table, pos, mask, length)
+                x = layer(x, table, pos, mask, length) if run_layer is None else run_layer(layer, x, table, pos, mask,
+                                                                                          length)
         return self.norm(x)
 
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:

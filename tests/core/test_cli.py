@@ -49,9 +49,9 @@ def test_head_loop_and_compile_flags_reach_the_settings(tiny_dir, tmp_path, monk
     real = generation.sample
     monkeypatch.setattr(generation, "sample", lambda m, c, s, **k: seen.append(s) or real(m, c, s, **k))
     args = ["generate", "--model", tiny_dir, "--prompt", "x", "--width", "16", "--height", "16", "--steps", "2",
-            "--dtype", "float32", "--head-loop", "plain", "--no-compile-head", "-o", str(tmp_path / "p.png")]
+            "--dtype", "float32", "--head-loop", "plain", "--compile", "off", "-o", str(tmp_path / "p.png")]
     assert C.main(args) == 0
-    assert seen[-1].head_loop == "plain" and seen[-1].compile_head is False
+    assert seen[-1].head_loop == "plain" and seen[-1].compile == "off"
     assert C.main(args[:-5] + ["-o", str(tmp_path / "f.png")]) == 0
     assert seen[-1].head_loop == "fused"  # the default
 
