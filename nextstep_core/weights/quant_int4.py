@@ -11,9 +11,10 @@ At load the codes are re-packed for the device's kernel: `torch._weight_int4pack
 `torch._weight_int4pack_mm` on CUDA (sm80+) and MPS. Each layout's inverse is here too (`unpack`), because a
 model that ComfyUI moves between devices has to be re-packed for the new one.
 
-The CPU packer's layout depends on the instruction set PyTorch dispatches to (blocks of 64 rows with AVX-512, 32
-with AVX2 or without vector code, rows paired half a block apart or side by side), so it is read from the packer
-itself once per process (`cpu_layout`) rather than assumed; a layout it cannot read leaves int4 dequantising.
+The CPU packer's layout depends on the instruction set PyTorch dispatches to (PyTorch's `int4mm_kernel.cpp`: blocks
+of 4 vector widths of rows, so 64 with AVX-512, 32 with AVX2 or without vector code, 16 with Arm's NEON; rows
+paired half a block apart on AVX-512 / AVX2, side by side elsewhere), so it is read from the packer itself once per
+process (`cpu_layout`) rather than assumed; a layout it cannot read leaves int4 dequantising.
 """
 from __future__ import annotations
 
