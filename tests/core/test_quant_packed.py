@@ -19,6 +19,9 @@ PACKED_BOUND = 1e-2
 # a decoder whose every projection int4 can take (in_features multiples of 128), and one where down_proj cannot
 INT4_GEOMETRY = dict(hidden_size=128, intermediate_size=256)
 MIXED_GEOMETRY = dict(hidden_size=128, intermediate_size=192)
+# the CPU's int4 kernel where this torch has the op (every CPU it runs on: `quant_int4.cpu_layout`), else the fallback
+CPU_INT4 = quant_int4.kernel_for(torch.device("cpu")) or "dequant"
+NEEDS_CPU_INT4 = pytest.mark.skipif(CPU_INT4 == "dequant", reason="this torch has no CPU int4 kernel")
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +63,7 @@ def rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-@pytest.mark.parametrize("fmt,kernel", [("int8", "int8_pack"), ("int4", "int4_cpu")])
+@pytest.mark.parametrize("fmt,kernel", [("int8", "int8_pack"), ("int4", CPU_INT4)])
 @pytest.mark.parametrize("rows", [1, 2, 3, 24])
 def test_packed_product_equals_the_dequantised_reference(fmt, kernel, rows):
     layer = quant_layer(fmt)
@@ -133,12 +136,13 @@ def test_moving_a_packed_layer_unpacks_and_repacks_it():
     x = torch.randn(2, 256).bfloat16()
     before, plain = layer(x), layer.plain_weight().clone()
     layer.to("cpu")  # _apply: back to the file layout, "move", pack again for the (same) device
-    assert layer.kernel == "int4_cpu"
+    assert layer.kernel == CPU_INT4
     assert torch.equal(layer.plain_weight(), plain) and torch.equal(layer(x), before)
     layer.prepare(torch.bfloat16)  # preparing again (a second load step) must not pack the packed weight twice
     assert torch.equal(layer.plain_weight(), plain) and torch.equal(layer(x), before)
 
 
+@NEEDS_CPU_INT4
 def test_cpu_packed_layout_is_the_one_unpack_inverts():
     assert quant_int4.cpu_layout_known()
     b, _, _ = quant_int4.quantize(torch.randn(192, 384))
@@ -162,6 +166,7 @@ print(torch.backends.cpu.get_cpu_capability(), quant_int4.cpu_layout()[0], layer
 """
 
 
+@NEEDS_CPU_INT4
 @pytest.mark.parametrize("level", X86_LEVELS)
 def test_the_cpu_int4_kernel_runs_packed_under_every_instruction_set_this_cpu_dispatches_to(level):
     """Each level packs its own layout (AVX-512: 64-row blocks, AVX2 and plain C++: 32); all must be read."""
@@ -194,7 +199,7 @@ def fresh_layout():
 
 
 def test_an_avx512_layout_is_read_and_inverted_on_any_cpu(monkeypatch, fresh_layout):
-    monkeypatch.setattr(torch, "_convert_weight_to_int4pack_for_cpu", avx512_packer)
+    monkeypatch.setattr(torch, "_convert_weight_to_int4pack_for_cpu", avx512_packer, raising=False)
     block, rows = quant_int4.cpu_layout()
     assert block == 64 and rows[:4].tolist() == [0, 32, 1, 33]
     b, _, _ = quant_int4.quantize(torch.randn(192, 384))
@@ -203,6 +208,7 @@ def test_an_avx512_layout_is_read_and_inverted_on_any_cpu(monkeypatch, fresh_lay
     assert torch.equal(quant_int4.unpack("int4_cpu", packed, 192, 384), b)
 
 
+@NEEDS_CPU_INT4
 def test_a_cpu_packer_layout_that_cannot_be_read_leaves_int4_dequantising(monkeypatch, fresh_layout):
     x = torch.randn(2, 256).bfloat16()
     expected = quant_layer("int4")(x)
@@ -261,7 +267,7 @@ def test_convert_int4_writes_the_device_neutral_layout_and_loads_packed(int4_dir
     assert rel(deq, src) < 0.12
     m = ns.load_model(out, dtype="bfloat16")
     layer = m.layers[0].mlp.gate_up_proj  # gate and up merged at load, then packed as one layer
-    assert m.quant == "int4" and layer.kernel == "int4_cpu"
+    assert m.quant == "int4" and layer.kernel == CPU_INT4
     assert torch.equal(layer.plain_weight()[-w.shape[0]:], w)  # what was packed at load is exactly the file's codes
 
 
@@ -303,7 +309,7 @@ def test_an_int4_file_loads_through_the_fallback_with_the_same_numbers(int4_dir,
     # k/v_proj (32 outputs) are below the CPU kernel's 64-row blocks: those two dequantise in both models, and
     # q/k/v stay apart (32 rows would split a tile of the packed layouts); gate/up merge
     assert [packed.layers[1].get_submodule(n).kernel for n in ("self_attn.q_proj", "self_attn.k_proj")] == \
-        ["int4_cpu", "dequant"]
+        [CPU_INT4, "dequant"]
     for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_up_proj", "mlp.down_proj"):
         lp, lf = packed.layers[1].get_submodule(name), plain.layers[1].get_submodule(name)
         x = torch.randn(2, lp.in_features).bfloat16()
