@@ -1,31 +1,34 @@
-"""GPU benchmark for issue 5, prepared for one lent H200 call (<= 10 minutes). Never a pass/fail test.
+"""GPU benchmark, prepared for one short lent-GPU call (bench/gpu_session.sh: all of it in <= 300 s). Never a test.
 
     python bench/bench_gpu.py                          # on the GPU machine: real NextStep-1 geometry, random weights
     python bench/bench_gpu.py --device cpu --size tiny # smoke test of the logic on a CPU ("graph" -> "static")
 
 Builds `NextStep(tiny_config("full"))` (hidden 5120, 48 layers, head 12 x 1536, Qwen2.5 vocab) on the meta device and
 materialises it directly on the device in bf16 with random values scaled like `testing.random_model_state` (no
-download, no checkpoint on disk). A tiny byte-level tokenizer from `testing.write_tokenizer` is attached; its special
-tokens sit at the ids `tiny_config` names. Then, at 512x512 (1024 tokens), 50 head steps, cfg 7.5 (2 guidance rows),
-noise "independent", seed 42:
+download, no checkpoint on disk). A tiny byte-level tokenizer from `testing.write_tokenizer` is attached. Then, at
+512x512 (1024 tokens), 50 head steps, cfg 7.5 (2 guidance rows), noise "independent", seed 42, in the order the goals
+need them (a budget overrun loses the least important phases):
 
-    bf16 eager, 1 image       a few dozen tokens timed, extrapolated to 1024
-    bf16 graph, 1 image       up to all 1024 tokens (time-capped; extrapolated if capped)
-    graph == eager            the first tokens of both runs, same noise
-    sdpa backend              the kernel the decode attention picks (folded groups vs enable_gqa), cuDNN version
-    fp32 graph == eager       every token of a 256x256 image, eager vs the captured step, in float32
-    bf16 graph, 4 images      images_per_prompt=4 in one pass
-    int4 graph, 1 image       decoder linears quantised in place to int4 and packed for the device (quant.prepare)
-    fp8 graph, 1 image        decoder + head linears quantised in place to fp8 (weight-only by default)
-    kernels                   one 5120x13824 linear at 2 rows: bf16, fp8 dequantised by hand, and the engine's
-                              int8 / int4 / fp8 layers (fp8 also with NEXTSTEP_FP8_MATMUL=1), each with its kernel
+    bf16 graph, 1 image       tokens timed until the phase cap, extrapolated to 1024
+    int4 graph, 1 image       decoder linears quantised in place to int4 and packed for the device; the bf16
+                              originals wait on the host, so the phase's peak VRAM is the int4 model's
+    fp8 graph, 1 image        decoder + head linears quantised in place to fp8
+    bf16 graph, 4 images      images_per_prompt=4 in one pass (the bf16 weights brought back from the host)
+    bf16 eager, 1 image       a few dozen tokens timed
+    head vs decoder           one token's head (50 steps, 2 rows) and decoder step, each eager and as a CUDA graph
+    recapture                 time to the first token of a new shape (prefill, capture, self-check) vs a kept one
+    kernels                   one linear at 2 rows for each real shape (head 1536x1536, decoder 5120->13824 and
+                              13824->5120): bf16 and the engine's int8 / int4 / fp8 layers, each with its kernel
+    graph == eager            the first tokens of the bf16 runs, same noise
+    sdpa backend              the kernels the decode attention may and does pick
+    fp32 graph == eager       every token of a 128x128 image in float32
 
 Per phase: seconds per image (time to first token + 1024 x the steady per-token time), tokens/s, the number of tokens
 actually timed, which path ran, and peak VRAM (torch.cuda.max_memory_allocated, beside max_memory_reserved and the
-driver's mem_get_info; VmHWM on CPU). A "graph" phase whose graph did not capture FAILS (an error, not a number).
+driver's mem_get_info; VmHWM on CPU). A "graph" phase that did not run on the graph FAILS (an error, not a number).
 Everything goes to $OUT/bench_gpu.json (or --out) after every phase, so a timeout still leaves the finished phases.
-Goals (issue 5): <= 12 s per 512^2 image in bf16 at 50 steps; <= 6 s in fp8 with <= 17 GB peak VRAM; 4 images in
-<= 1.5x the time of one. Issue 10 adds <= 8 s in fp8 or int4 (`goal_fp8_or_int4_le_8s`).
+Goals: <= 12 s per 512^2 image in bf16 at 50 steps; fp8 and int4 <= 8 s, fp8 faster than bf16; 4 images in
+<= 1.5x the time of one.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import dump_json, env_info, proc_status, rel_err, table, weight_bytes  # noqa: E402
-from gpu_checks import fp32_graph_vs_eager, sdpa_info, sync  # noqa: E402
+from gpu_checks import fp32_graph_vs_eager, head_vs_decoder, recapture, sdpa_info, sync  # noqa: E402
 
 T_START = time.perf_counter()
 QWEN_VOCAB = 152064
@@ -82,10 +85,12 @@ def build_model(size: str, dev, dtype, tok_dir: str):
     with torch.device("meta"):
         model = NextStep(cfg, quantized_operations("fp8"))  # QuantLinear == nn.Linear while weight_scale is None
     model = model.to(dtype).to_empty(device=dev)
-    gen = torch.Generator(device=dev).manual_seed(0)
+    table = model.embed_tokens.weight  # the table lives on the host (NextStep.HOST_MODULES)
+    model.embed_tokens.weight = torch.nn.Parameter(torch.empty_like(table, device="cpu"), requires_grad=False)
+    gens = {d: torch.Generator(device=d).manual_seed(0) for d in {dev, torch.device("cpu")}}
     with torch.no_grad():
         for name, p in model.named_parameters():
-            init_(name, p, gen)
+            init_(name, p, gens[p.device])
         if model.gen_pos_embed is not None:
             model.gen_pos_embed = sincos_2d_table(cfg.hidden_size, cfg.base_image_grid_size)[None].to(dev, dtype)
     model.tokenizer = tok
@@ -101,9 +106,10 @@ def published_name(name: str) -> str:
     return name.replace("qkv_proj", "q_proj").replace("gate_up_proj", "gate_proj")
 
 
-def quantize_(model, fmt: str, originals: dict) -> int:
-    """Quantise, in place, every linear weight a `fmt` file would quantise, from `originals` (name -> bf16 weight,
-    filled on the first call, so a later format starts from the bf16 weights again); then pack for the device."""
+def quantize_(model, fmt: str | None, originals: dict) -> int:
+    """Quantise, in place, every linear weight a `fmt` file would quantise, from `originals` (name -> bf16 weight on
+    the host, filled on the first call, so a later format starts from the bf16 weights again and the device holds
+    only the quantised copy); then pack for the device. `fmt=None` puts the bf16 weights back."""
     import torch
     from torch import nn
 
@@ -114,8 +120,10 @@ def quantize_(model, fmt: str, originals: dict) -> int:
         key = published_name(name) + ".weight"
         if not (hasattr(mod, "weight_scale") and should_quantize(key, "int8")):
             continue
-        w = originals.setdefault(key, mod.weight.data)
-        parts = quantized_tensors(key, w, fmt)
+        if key not in originals:
+            originals[key] = mod.weight.data.to("cpu")
+        w = originals[key].to(mod.weight.device)
+        parts = quantized_tensors(key, w, fmt) if fmt else None
         mod.weight = nn.Parameter(w, requires_grad=False)  # back to bf16 first (a layer int4 leaves alone)
         mod.weight_scale = mod.weight_zero = mod.scales_and_zeros = None
         mod.kernel, mod.compute_dtype = "dense", None
@@ -123,6 +131,7 @@ def quantize_(model, fmt: str, originals: dict) -> int:
             attr = k.rsplit(".", 1)[-1]
             setattr(mod, attr, nn.Parameter(t, requires_grad=False) if attr == "weight" else t)
         n += bool(parts)
+        del w
     prepare_quantized(model, torch.bfloat16)
     model.quant = fmt
     if torch.cuda.is_available():
@@ -193,12 +202,12 @@ def timed_sample(model, dev, fast: str, n_img: int, max_tokens: int, cap_s: floa
             st["tokens"] = res.tokens
         path = res.path
     except GenerationCancelled:
-        finished = False
+        finished, res = False, None
         kept = getattr(model, "step_cache", None)  # stopped early: the kept step says which path ran
         path = kept.step.path if kept is not None and fast != "eager" else "eager"
     if fast == "graph" and path != "graph":
-        err = getattr(getattr(getattr(model, "step_cache", None), "step", None), "capture_error", None)
-        raise RuntimeError(f"the CUDA graph did not capture (ran {path!r}): {err}")
+        why = res.fallback if finished else getattr(getattr(model, "step_cache", None), "step", None)
+        raise RuntimeError(f"the CUDA graph did not run (ran {path!r}): {getattr(why, 'fallback', why)}")
     t_wall = time.perf_counter() - st["t0"]
     n = st["done"] - warm
     per_tok = (st["t_end"] - st["t_start"]) / n
@@ -226,18 +235,17 @@ def quant_layer(w, fmt: str, dtype):
     return layer.requires_grad_(False)
 
 
+SHAPES = {"head_1536x1536": (1536, 1536), "decoder_5120_to_13824": (13824, 5120),
+          "decoder_13824_to_5120": (5120, 13824)}  # [out, in] of the real model's linears
+
+
 def kernel_bench(dev, dtype, reps: int = 50):
-    """One decoder-sized linear (5120 -> 13824) at 2 rows: bf16, fp8 dequantised by hand, and the engine's int8,
-    int4 and fp8 layers (fp8 weight-only and with NEXTSTEP_FP8_MATMUL=1's activation quantisation + _scaled_mm)."""
+    """One linear of each real shape at 2 rows (a decode step with guidance): bf16, and the engine's int8, int4 and
+    fp8 layers as `prepare` picks their kernels here (fp8 also with the tensor-core path forced on)."""
     import torch
     import torch.nn.functional as F
 
-    from nextstep_core.weights.quant import dequantize_weight, quantize_weight
-
     out = {}
-    w = torch.randn(13824, 5120, device=dev, dtype=dtype) / 5120**0.5
-    x = torch.randn(2, 5120, device=dev, dtype=dtype)
-    q, s = quantize_weight(w, "fp8")
 
     def t(f):
         for _ in range(3):
@@ -249,23 +257,24 @@ def kernel_bench(dev, dtype, reps: int = 50):
         sync(dev)
         return (time.perf_counter() - t0) / reps
 
-    out["bf16_linear_us"] = 1e6 * t(lambda: F.linear(x, w))
-    out["fp8_dequant_linear_us"] = 1e6 * t(lambda: F.linear(x, dequantize_weight(q, s, dtype)))
-    out["bytes_bf16"] = w.numel() * 2
-    out["bf16_GBps"] = out["bytes_bf16"] / out["bf16_linear_us"] / 1e3
-    # the engine's quantised layers, as `prepare` picks their kernels on this device
-    for fmt in ("int8", "int4", "fp8"):
-        for native in ((False, True) if fmt == "fp8" else (False,)):
-            name = f"{fmt}_layer" + ("_scaled_mm" if native else "")
-            try:
-                os.environ["NEXTSTEP_FP8_MATMUL"] = "1" if native else "0"
-                layer = quant_layer(w, fmt, dtype)
-                out[name + "_kernel"] = layer.kernel
-                out[name + "_us"] = 1e6 * t(lambda: layer(x))
-            except Exception as e:  # noqa: BLE001
-                out[name + "_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            finally:
-                os.environ.pop("NEXTSTEP_FP8_MATMUL", None)
+    for shape_name, (n_out, n_in) in SHAPES.items():
+        w = torch.randn(n_out, n_in, device=dev, dtype=dtype) / n_in**0.5
+        x = torch.randn(2, n_in, device=dev, dtype=dtype)
+        row = {"bf16_us": 1e6 * t(lambda: F.linear(x, w))}
+        row["bf16_GBps"] = w.numel() * 2 / row["bf16_us"] / 1e3
+        for fmt in ("int8", "int4", "fp8"):
+            for native in ((False, True) if fmt == "fp8" else (False,)):
+                name = fmt + ("_scaled_mm" if native else "")
+                try:
+                    os.environ["NEXTSTEP_FP8_MATMUL"] = "1" if native else "0"
+                    layer = quant_layer(w, fmt, dtype)
+                    row[name + "_kernel"] = layer.kernel
+                    row[name + "_us"] = 1e6 * t(lambda: layer(x))
+                except Exception as e:  # noqa: BLE001 - a kernel this device lacks is a finding
+                    row[name + "_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                finally:
+                    os.environ.pop("NEXTSTEP_FP8_MATMUL", None)
+        out[shape_name] = row
     return out
 
 
@@ -274,10 +283,10 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--size", default="full", help="testing.SIZES key (full = real NextStep-1 geometry)")
     p.add_argument("--out", default=None, help="JSON path (default $OUT/bench_gpu.json, else ./bench_gpu.json)")
-    p.add_argument("--budget", type=float, default=540.0, help="seconds for the whole script (default 540)")
+    p.add_argument("--budget", type=float, default=200.0, help="seconds for the whole script (default 200)")
     p.add_argument("--eager-tokens", type=int, default=None, help="tokens timed in eager mode (default 24; 6 on CPU)")
     p.add_argument("--phase-cap", type=float, default=None, help="max seconds of steady decoding per phase "
-                   "(default 75 on CUDA, 10 on CPU)")
+                   "(default 12 on CUDA, 5 on CPU)")
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--height", type=int, default=512)
     a = p.parse_args(argv)
@@ -291,7 +300,7 @@ def main(argv=None) -> int:
         return 2
     graph_mode = "graph" if cuda else "static"
     eager_tokens = a.eager_tokens or (24 if cuda else 6)
-    cap = a.phase_cap or (75.0 if cuda else 10.0)
+    cap = a.phase_cap or (12.0 if cuda else 5.0)
     out_path = a.out or os.path.join(os.environ.get("OUT") or ".", "bench_gpu.json")
     dtype = torch.bfloat16
     R = {"env": env_info(), "settings": {"device": str(dev), "size": a.size, "width": a.width, "height": a.height,
@@ -344,39 +353,16 @@ def main(argv=None) -> int:
     save()
     w, h = a.width, a.height
     # the time one phase needs: first token (prefill, capture) + cap + slack
-    need = cap + (60 if cuda else 10)
-
-    eager = phase("bf16_eager_1img", lambda: timed_sample(model, dev, "eager", 1, eager_tokens, cap, width=w, height=h),
-                  need)
-    graph = phase(f"bf16_{graph_mode}_1img",
-                  lambda: timed_sample(model, dev, graph_mode, 1, 10**9, cap, width=w, height=h), need)
-
-    def compare():
-        if not (isinstance(eager, dict) and isinstance(graph, dict) and "_tokens" in eager and "_tokens" in graph):
-            return {"error": "eager or graph phase missing"}
-        te, tg = eager["_tokens"], graph["_tokens"]
-        n = min(te.shape[1], tg.shape[1], 8)
-        per = [rel_err(tg[:, i], te[:, i]) for i in range(n)]
-        return {"tokens_compared": n, "per_token_rel_err": per, "max_abs": float((tg[:, :n] - te[:, :n]).abs().max()),
-                "rel_err_all": rel_err(tg[:, :n], te[:, :n]),
-                "note": "same seed and noise; bf16 kernels differ (static attention reads the whole cache under a "
-                        "mask), so later tokens may drift on random weights; the tests' CPU bound is atol 1e-4 "
-                        "in float32"}
-
-    phase("graph_vs_eager", compare, 0)
-    phase("sdpa_backend", lambda: sdpa_info(model, dev), 10)
-    phase(f"fp32_{graph_mode}_equals_eager", lambda: fp32_graph_vs_eager(model, dev, graph_mode, 256 if cuda else 32),
-          90 if cuda else 30)
+    need = cap + (20 if cuda else 10)
+    sample_1 = lambda fast, n=1: timed_sample(model, dev, fast, n, 10**9, cap, width=w, height=h)  # noqa: E731
+    graph = phase(f"bf16_{graph_mode}_1img", lambda: sample_1(graph_mode), need)
     if isinstance(graph, dict) and "error" in graph and graph_mode == "graph":
-        # capture failed: keep measuring the fixed-shape step without the graph, so the other phases still report
+        # no graph: keep measuring the fixed-shape step without it, so the other phases still report
         R["notes"].append(f"CUDA graph phase failed ({graph['error'][:200]}); later phases use fast='static'")
         graph_mode = "static"
-        phase("bf16_static_1img", lambda: timed_sample(model, dev, "static", 1, 10**9, cap, width=w, height=h), need)
-    phase(f"bf16_{graph_mode}_4img",
-          lambda: timed_sample(model, dev, graph_mode, 4, 10**9, cap, width=w, height=h), need)
-    eager = graph = None  # free the token copies
+        graph = phase("bf16_static_1img", lambda: sample_1("static"), need)
 
-    originals = {}  # bf16 weights of the quantisable layers, so each format starts from them
+    originals = {}  # bf16 weights of the quantisable layers, waiting on the host while a format is measured
 
     def quantize_phase(fmt):
         def run():
@@ -390,13 +376,38 @@ def main(argv=None) -> int:
     for fmt in ("int4", "fp8"):
         q = phase(f"quantize_{fmt}", quantize_phase(fmt), 30 if cuda else 5)
         if isinstance(q, dict) and "error" not in q:
-            phase(f"{fmt}_{graph_mode}_1img",
-                  lambda: timed_sample(model, dev, graph_mode, 1, 10**9, cap, width=w, height=h), need)
+            phase(f"{fmt}_{graph_mode}_1img", lambda: sample_1(graph_mode), need)
+    phase("restore_bf16", quantize_phase(None), 20 if cuda else 5)
     originals = None
+    phase(f"bf16_{graph_mode}_4img", lambda: sample_1(graph_mode, 4), need)
+    eager = phase("bf16_eager_1img", lambda: timed_sample(model, dev, "eager", 1, eager_tokens, cap, width=w,
+                                                          height=h), need)
+
+    def compare():
+        if not (isinstance(eager, dict) and isinstance(graph, dict) and "_tokens" in eager and "_tokens" in graph):
+            return {"error": "eager or graph phase missing"}
+        te, tg = eager["_tokens"], graph["_tokens"]
+        n = min(te.shape[1], tg.shape[1], 8)
+        per = [rel_err(tg[:, i], te[:, i]) for i in range(n)]
+        return {"tokens_compared": n, "per_token_rel_err": per, "max_abs": float((tg[:, :n] - te[:, :n]).abs().max()),
+                "rel_err_all": rel_err(tg[:, :n], te[:, :n]),
+                "note": "same seed and noise; bf16 kernels differ (the fixed step attends over the whole cache "
+                        "under a mask), so later tokens may drift on random weights"}
+
+    phase("head_vs_decoder", lambda: head_vs_decoder(model, dev), 15)
+
+    def first_token_s(width):
+        return timed_sample(model, dev, graph_mode, 1, 1, 0.0, warm=1, width=width, height=h)["first_token_s"]
+
+    phase("recapture", lambda: recapture(model, dev, first_token_s), 20 if cuda else 10)
+    model.release_step_cache()
+    phase("kernels", lambda: kernel_bench(dev, dtype) if a.size == "full" or cuda else {"skipped": "CPU"}, 15)
+    phase("graph_vs_eager", compare, 0)
+    eager = graph = None  # free the token copies
+    phase("sdpa_backend", lambda: sdpa_info(model, dev), 5)
+    phase(f"fp32_{graph_mode}_equals_eager", lambda: fp32_graph_vs_eager(model, dev, graph_mode, 128 if cuda else 32),
+          40 if cuda else 20)
     model = None
-    if cuda:
-        torch.cuda.empty_cache()
-    phase("kernels", lambda: kernel_bench(dev, dtype) if a.size == "full" or cuda else {"skipped": "CPU"}, 20)
 
     # summary against the goals
     P = R["phases"]
@@ -415,8 +426,9 @@ def main(argv=None) -> int:
         "four_over_one_time": (pass4 / pass1) if pass4 and pass1 else None,
         "fp8_peak_vram_GB": (P.get(f"fp8_{graph_mode}_1img", {}).get("peak_mem_bytes") or 0) / 1e9 or None,
         "goal_bf16_le_12s": (g1 <= 12) if g1 and on_gpu else None,
-        "goal_fp8_le_6s": (f1 <= 6) if f1 and on_gpu else None,
-        "goal_fp8_or_int4_le_8s": (min(t for t in (f1, i1) if t) <= 8) if (f1 or i1) and on_gpu else None,  # issue 10
+        "goal_fp8_le_8s": (f1 <= 8) if f1 and on_gpu else None,
+        "goal_int4_le_8s": (i1 <= 8) if i1 and on_gpu else None,
+        "goal_fp8_faster_than_bf16": (f1 < g1) if f1 and g1 and on_gpu else None,
         "goal_fp8_vram_le_17GB": ((P.get(f"fp8_{graph_mode}_1img", {}).get("peak_mem_bytes") or 1e99) <= 17e9)
         if f1 and on_gpu else None,
         "goal_4img_le_1.5x": (pass4 / pass1 <= 1.5) if pass4 and pass1 and on_gpu else None,

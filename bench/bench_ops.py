@@ -128,19 +128,20 @@ def settings_for(steps: int, loop: str):
 
 
 def per_token(model, steps: int, loop: str, branches: int, prompt_len: int = 64, total: int = 1024) -> OpCounter:
-    """Ops of one token of the fixed-shape step (head loop + feed-back + one decoder step)."""
-    from nextstep_core.model.family import family_of
-    from nextstep_core.generation.graph import StaticTokenStep
+    """Ops of one token of the fixed-shape step (head loop + feed-back + one decoder step): `step.token_step` on the
+    static buffers, which is what the plain loop runs too and what a CUDA graph captures."""
+    from nextstep_core.generation.graph import FixedStep
     from nextstep_core.generation.plan import GenerationPlan
+    from nextstep_core.model.family import family_of
 
     h = w = int(total ** 0.5)
     plan = GenerationPlan(settings_for(steps, loop).validate(), family_of(model.config), h, w, branches, prompt_len, 1)
     with torch.inference_mode():
-        cache = model.new_cache(plan.rows, prompt_len + total + 16)
-        step = StaticTokenStep(model, cache, plan, capture=False)
-        step._step()  # builds what is built once (tables); not counted
+        step = FixedStep(model, plan, capture=False)
+        spec = step._spec(0)
+        step._static_token(spec)  # builds what is built once (tables); not counted
         scopes = [(layer, "decoder layer") for layer in model.layers] + [(model.image_head, "head")]
-        return count(step._step, scopes)
+        return count(lambda: step._static_token(spec), scopes)
 
 
 def measure(layers: int, dtype, loop: str, fuse: bool, branches: int) -> dict:
@@ -162,8 +163,9 @@ def quant_layer_ops(fmts=("bf16", "int8", "int4")) -> dict:
     import tempfile
 
     import nextstep_core as ns
-    from nextstep_core.weights.convert import convert
+    from nextstep_core.model.attention import decode_mask, prefill_mask
     from nextstep_core.model.decoder import NextStep
+    from nextstep_core.weights.convert import convert
     from nextstep_core.weights.testing import make_tiny_checkpoint
 
     out, fuse = {}, NextStep.fuse_projections
@@ -178,10 +180,13 @@ def quant_layer_ops(fmts=("bf16", "int8", "int4")) -> dict:
                     model = ns.load_model(path, dtype="bfloat16")
                 finally:
                     NextStep.fuse_projections = fuse
-                cache = model.new_cache(2, 16)
-                with torch.inference_mode():
-                    model.forward_embeds(torch.randn(2, 8, 256).bfloat16(), cache)  # a prompt to attend to
-                    c = count(lambda: model.forward_embeds(torch.randn(2, 1, 256).bfloat16(), cache),
+                model.setup_caches(2, 16)
+                real = torch.ones(2, 8, dtype=torch.bool)
+                one = torch.tensor([8])
+                mask = decode_mask(torch.zeros(2, dtype=torch.long), one, 9, torch.bfloat16, model.group)
+                with torch.inference_mode():  # a prompt to attend to, then one decode step
+                    model(torch.randn(2, 8, 256).bfloat16(), torch.arange(8), prefill_mask(real, torch.bfloat16), 8)
+                    c = count(lambda: model(torch.randn(2, 1, 256).bfloat16(), one, mask, 9),
                               [(model.layers[0], "layer")], cpu=True)
                 out[f"{fmt}/{'merged' if merged else 'separate'}"] = c.counts["layer"]
     return out
@@ -200,7 +205,10 @@ def main(argv=None) -> int:
     import nextstep_core
 
     dtype = getattr(torch, a.dtype)
-    has_fused = "head_loop" in open(os.path.join(os.path.dirname(nextstep_core.__file__), "settings.py")).read()
+    root = os.path.dirname(nextstep_core.__file__)
+    settings = next(p for p in (os.path.join(root, "generation", "settings.py"), os.path.join(root, "settings.py"))
+                    if os.path.isfile(p))
+    has_fused = "head_loop" in open(settings).read()
     loops = ("plain", "hoisted", "fused") if has_fused else ("plain", "hoisted")
     print(f"# ops per image token, {a.layers} decoder layers, {a.dtype}, 50 head steps, from {nextstep_core.__file__}")
     print(f"{'head loop':<9} {'decoder':<10} {'rows':>4} {'per token':>10} {'per step':>9} {'per layer':>10} "

@@ -1,5 +1,6 @@
-"""Correctness checks of the GPU benchmark (bench_gpu.py) that time nothing: which attention kernel the decode step
-gets, and whether the captured step computes what the eager loop computes over a whole image in float32."""
+"""Checks of the GPU benchmark (bench_gpu.py) beside its per-image timings: which attention kernel the decode step
+gets, whether the captured step computes what the eager loop computes over a whole image in float32, how one
+token's time splits between the head and the decoder, and what capturing a new shape costs."""
 from __future__ import annotations
 
 import time
@@ -21,16 +22,16 @@ def sdpa_info(model, dev, rows: int = 2, slots: int = 1152) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from nextstep_core.model.decoder import attention
+    from nextstep_core.model.attention import attention, backend_names
 
     cfg = model.config
     hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     dtype = model.dtype
     q = torch.randn(rows, hq, 1, d, device=dev, dtype=dtype)
     k, v = (torch.randn(rows, hkv, slots, d, device=dev, dtype=dtype) for _ in range(2))
-    mask = torch.zeros(rows, 1, 1, slots, device=dev, dtype=dtype)
+    mask = torch.zeros(rows, 1, hq // hkv, slots, device=dev, dtype=dtype)  # as decode_mask builds it
     mask[..., slots // 2:] = float("-inf")
-    out = {"torch": torch.__version__,
+    out = {"torch": torch.__version__, "probed_backends": backend_names(dev, dtype, d),
            "cudnn_version": torch.backends.cudnn.version() if dev.type == "cuda" else None}
 
     def choice(*args, **kw):
@@ -44,7 +45,7 @@ def sdpa_info(model, dev, rows: int = 2, slots: int = 1152) -> dict:
             return f"unknown ({type(e).__name__})"
 
     out["folded_group_choice"] = choice(q.reshape(rows, hkv, hq // hkv, d), k, v, attn_mask=mask)
-    out["enable_gqa_choice"] = choice(q, k, v, attn_mask=mask, enable_gqa=True)
+    out["enable_gqa_choice"] = choice(q, k, v, attn_mask=mask[:, :, :1], enable_gqa=True)
     if dev.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
@@ -55,13 +56,13 @@ def sdpa_info(model, dev, rows: int = 2, slots: int = 1152) -> dict:
             sync(dev)
         out["folded_group_kernels"] = [e.key for e in prof.key_averages()][:8]
     ref = F.scaled_dot_product_attention(q.float(), k.repeat_interleave(hq // hkv, 1).float(),
-                                         v.repeat_interleave(hq // hkv, 1).float(), attn_mask=mask.float())
+                                         v.repeat_interleave(hq // hkv, 1).float(), attn_mask=mask[:, :, :1].float())
     out["folded_vs_fp32_repeat_max_abs"] = float((attention(q, k, v, mask, "sdpa").float() - ref).abs().max())
     return out
 
 
-def fp32_graph_vs_eager(model, dev, graph_mode: str, size: int = 256) -> dict:
-    """Every token of a 256x256 image, eager vs the captured step, in float32 (bf16 -> fp32 -> bf16 is exact)."""
+def fp32_graph_vs_eager(model, dev, graph_mode: str, size: int = 128) -> dict:
+    """Every token of a size x size image, eager vs the captured step, in float32 (bf16 -> fp32 -> bf16 is exact)."""
     import torch
 
     import nextstep_core as ns
@@ -76,9 +77,8 @@ def fp32_graph_vs_eager(model, dev, graph_mode: str, size: int = 256) -> dict:
         t1 = time.perf_counter()
         g = ns.sample(model, cond, base.replace(fast=graph_mode))
         t2 = time.perf_counter()
-        if graph_mode == "graph" and g.path != "graph":
-            raise RuntimeError(f"the CUDA graph did not capture (ran {g.path!r}): "
-                               f"{model.step_cache.step.capture_error}")
+        if g.path != graph_mode:
+            raise RuntimeError(f"the {graph_mode} step did not run (ran {g.path!r}): {g.fallback}")
         diff = (g.tokens - e.tokens).abs()
         per_token = diff.amax(dim=(0, 2))
         return {"tokens": int(e.tokens.shape[1]), "path": g.path, "max_abs": float(diff.max()),
@@ -90,3 +90,73 @@ def fp32_graph_vs_eager(model, dev, graph_mode: str, size: int = 256) -> dict:
         model.to(torch.bfloat16)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def head_vs_decoder(model, dev, reps: int = 10, slots: int = 1152) -> dict:
+    """One image token's two halves at the real shapes (2 guidance rows, 50 head steps, a cache of `slots` slots
+    half full): the head's sampling loop and the decoder step, each eager and replayed as a CUDA graph (CUDA only),
+    through the engine's own `step.sample_image_token` and `step.feed_back`."""
+    import torch
+
+    import nextstep_core as ns
+    from nextstep_core.generation.plan import GenerationPlan
+    from nextstep_core.generation.step import Slot, TokenInputs, feed_back, sample_image_token
+    from nextstep_core.model.attention import decode_mask
+    from nextstep_core.model.family import family_of
+
+    cfg = model.config
+    s = ns.family_defaults(cfg.family).replace(steps=50, cfg=7.5).with_family(cfg.family)
+    plan = GenerationPlan(s, family_of(cfg), 32, 32, 2, 64, 1)
+    spec = plan.token_spec(model, 0)
+    spec = type(spec)(spec.head.for_graph_capture(), spec.branches, spec.use_norm)
+    x = TokenInputs(torch.randn(2, cfg.hidden_size, device=dev, dtype=model.dtype),
+                    torch.randn(plan.draws, 1, cfg.token_dim, device=dev), 7.5, 1.0, None)
+    model.setup_caches(2, slots)
+    pos = torch.tensor([slots // 2], device=dev)
+    at = Slot(pos, decode_mask(torch.zeros(2, dtype=torch.long, device=dev), pos, slots, model.dtype, model.group),
+              slots)
+    tok = sample_image_token(model, spec, x)
+    parts = {"head": lambda: sample_image_token(model, spec, x), "decoder": lambda: feed_back(model, spec, tok, at)}
+    out = {}
+    with torch.inference_mode():
+        for name, fn in parts.items():
+            out[f"{name}_eager_ms"] = 1e3 * _time(fn, dev, reps)
+            if dev.type == "cuda":
+                out[f"{name}_graph_ms"] = 1e3 * _time(_graphed(fn), dev, reps)
+    model.install_caches(None)
+    return out
+
+
+def recapture(model, dev, sample_once) -> dict:
+    """Seconds to the first token for a shape seen before (kept step) and a new one (prefill, capture, self-check):
+    `sample_once(width)` runs a generation stopped after its first token and returns its first-token seconds."""
+    model.release_step_cache()
+    new = sample_once(512)
+    kept = sample_once(512)
+    return {"first_token_new_shape_s": new, "first_token_kept_shape_s": kept, "recapture_s": new - kept}
+
+
+def _graphed(fn):
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _time(fn, dev, reps: int) -> float:
+    for _ in range(2):
+        fn()
+    sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync(dev)
+    return (time.perf_counter() - t0) / reps

@@ -32,3 +32,22 @@ def _one_thread_per_test():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def leave_as_found():
+    """leave_as_found(folder) -> folder: what the test adds to that shared folder is removed after it."""
+    import os
+    import shutil
+
+    watched = []
+
+    def watch(folder):
+        watched.append((folder, set(os.listdir(folder))))
+        return folder
+
+    yield watch
+    for folder, before in watched:
+        for name in set(os.listdir(folder)) - before:
+            path = os.path.join(folder, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)

@@ -5,6 +5,6 @@
     pipeline.py     generate(): encode edits, sample, decode
     images.py       the one image reader, edit encoding, VAE encode / decode
     keep_inputs.py  the command line's init image / latents and mask files
-    outputs.py      output paths checked up front, atomic writes
+    outputs.py      output paths checked up front (written whole by ../fs.py)
     devices.py      device strings: parse, check, auto-pick
 """

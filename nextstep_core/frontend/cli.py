@@ -1,9 +1,11 @@
-"""`python -m nextstep_core info | generate | convert` — the engine without ComfyUI."""
+"""`python -m nextstep_core info | generate | convert | doctor` — the engine without ComfyUI."""
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -62,7 +64,7 @@ def _check(args) -> _Job:
     latents_out = latents_output(args.save_latents) if args.save_latents else None
 
     model_path = resolve_model(args.model, args.download_dir)
-    model_config, _ = read_model_config(model_path, family=args.family)  # config.json and file headers only
+    model_config, source = read_model_config(model_path, family=args.family)  # config.json and file headers only
     settings = _settings(model_config.family, edit, given).validate(model_config)
     if keep:
         keep.check_model(model_config, len(args.prompt) * settings.images_per_prompt)
@@ -71,6 +73,7 @@ def _check(args) -> _Job:
         raise NextStepError(f"{model_path} has no vae/ folder: pass --vae with the f8ch16 tokenizer folder.")
     if not os.path.exists(vae_path):
         raise NextStepError(f"the VAE {vae_path} does not exist.")
+    _check_memory(model_config, source, vae_path, settings, len(args.prompt), pixels, dtype, device)
     if args.model == "tiny":
         print(f"tiny demo: {settings.width}x{settings.height}, {settings.steps} head steps (give --width, --height, "
               "--steps to change)", file=sys.stderr)
@@ -80,6 +83,27 @@ def _check(args) -> _Job:
             torch.set_num_threads(1)  # its matrices are too small to share: threads only wait on each other
     return _Job(model_path, vae_path, model_config.family, settings, pixels, device, dtype, outputs,
                 latents_out, keep)
+
+
+def _check_memory(cfg, source, vae_path, settings, n_prompts, pixels, dtype, device) -> None:
+    """The whole job against the free memory, from configs and headers: a batch that cannot fit stops here, not
+    with an allocation failure after the model has loaded. The prompt is counted as DEFAULT_PROMPT_TOKENS (plus the
+    largest edit image's tokens); `sample` checks again with the tokenised prompts."""
+    from ..generation.loop import Conditioning, guidance_branches
+    from ..generation.memory import DEFAULT_PROMPT_TOKENS, check_job_fits, weight_bytes
+    from ..generation.plan import GenerationPlan
+    from ..generation.prompt import grid_size
+    from ..model.family import family_of
+    from ..weights.loading import _vae_files
+
+    h, w = grid_size(settings.width, settings.height, cfg)
+    edit_tokens = max((px.shape[1] // cfg.down_factor) * (px.shape[2] // cfg.down_factor) + 8 for px in pixels) \
+        if pixels else 0
+    branches = guidance_branches(Conditioning(["x"], edit_latents=pixels or None), settings.cfg, settings.cfg_img)
+    plan = GenerationPlan(settings, family_of(cfg), h, w, branches, DEFAULT_PROMPT_TOKENS + edit_tokens,
+                          n_prompts * settings.images_per_prompt)
+    keys = {k: v for k, v in source.shapes.items() if not k.startswith("lm_head.")}  # never loaded for images
+    check_job_fits(cfg, plan, weight_bytes(keys, source.dtypes, dtype), _vae_files(vae_path)[0], dtype, device)
 
 
 def _settings(family, edit: bool, given: dict):
@@ -158,12 +182,21 @@ class _Bar:
         sys.stderr.write("\n")
 
 
+def _doctor(args) -> int:
+    from .doctor import main as doctor
+
+    return doctor(args.device, args.json, args.layers)
+
+
 def _convert(args) -> int:
-    from ..weights.convert import convert
+    from ..weights.convert import plan_conversion
+    from .info import size_text
 
     t0 = time.perf_counter()
-    out = convert(args.src, args.dst, args.dtype, keep_lm_head=args.keep_lm_head, family=args.family)
-    print(f"wrote {out} ({os.path.getsize(out) / 2**30:.2f} GiB) in {time.perf_counter() - t0:.1f} s")
+    job = plan_conversion(args.src, args.dst, args.dtype, keep_lm_head=args.keep_lm_head, family=args.family)
+    job.run()
+    # what this process wrote: another convert to the same name may have renamed its own file over it since
+    print(f"wrote {job.dst} ({job.dtype}, {size_text(job.size)}) in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -195,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cfg-schedule", choices=CFG_SCHEDULES)
     g.add_argument("--timesteps-shift", type=float, help="above 0 (default: the family's)")
     g.add_argument("--steps", type=int, help="head steps per token (default: the family's; tiny: 8)")
-    g.add_argument("--steps-end", type=int, help="step annealing: head steps fall linearly to this (off by default)")
+    g.add_argument("--steps-end", type=int, help="step annealing: head steps fall linearly from --steps to this at the "
+                                                 "last token (off by default)")
     g.add_argument("--sampler", choices=SAMPLERS, help="default: the family's reference sampler")
     g.add_argument("--use-norm", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--seed", type=int, help=f"0 to 2**64-1 (default {d.seed})")
@@ -204,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype; auto (default): bf16 where the device has bf16 arithmetic, else float32")
     g.add_argument("--device", help="auto (default: cuda, else mps, else cpu), cpu, cuda, cuda:N, mps")
     g.add_argument("--fast", choices=FAST_MODES,
-                   help="per-token path: auto (default) = CUDA graphs on CUDA, the plain loop elsewhere")
+                   help="per-token path: auto (default) = CUDA graphs on CUDA, the plain loop elsewhere; a graph is "
+                        "checked against the plain step on its first token and left (with a warning) if they differ")
     g.add_argument("--head-loop", choices=HEAD_LOOPS, help="the head's sampling loop (default fused; all agree)")
     g.add_argument("--compile-head", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the head's step where this device can (off by default; falls back with a "
@@ -217,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask", help="with an init: white = regenerate, black = keep (an image of the output's size)")
     g.add_argument("--keep-rows", type=int, help="with an init: keep the top K token rows (16 pixels each)")
     g.set_defaults(func=_generate)
+    dr = sub.add_parser("doctor", help="check every per-token path on this device: exactness, speed, memory")
+    dr.add_argument("--device", help="auto (default), cpu, cuda, cuda:N, mps")
+    dr.add_argument("--json", help="also write the report to this file (attach it to bug reports)")
+    dr.add_argument("--layers", type=int, help="decoder layers of the random model (default 2 on CUDA, 1 elsewhere)")
+    dr.set_defaults(func=_doctor)
     c = sub.add_parser("convert", help="one .safetensors (bf16/fp16/fp32/fp8/int8/int4) from a model or VAE")
     c.add_argument("src")
     c.add_argument("dst")
@@ -235,9 +275,20 @@ def _family_argument(parser) -> None:
                              "folder name, _name_or_path), else weak config evidence, else nextstep-1")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that it unwinds as Ctrl-C does: temporary files removed, one line."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
+    raise Terminated
+
+
 def main(argv=None) -> int:
     # torch is first imported in here (the parser's choices come from the engine), so that Ctrl-C while it loads
     # ends with one line too
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
@@ -247,6 +298,12 @@ def main(argv=None) -> int:
     except GenerationCancelled:
         print("cancelled", file=sys.stderr)
         return 130
+    except Terminated:
+        print("\nterminated", file=sys.stderr)
+        return 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

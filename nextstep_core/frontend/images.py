@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import NextStepError
+from ..fs import fs_error
 from ..generation.prompt import IMAGE_MARKER
 from ..generation.settings import MAX_SIDE
 
@@ -41,16 +42,16 @@ def read_image(path) -> torch.Tensor:
             return to_pixels(ImageOps.exif_transpose(im))
     except NextStepError:
         raise
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+    except (FileNotFoundError, NotADirectoryError):
         raise NextStepError(f"cannot read the image {path}: there is no such file.") from None
-    except PermissionError:
-        raise NextStepError(f"cannot read the image {path}: permission denied.") from None
     except UnidentifiedImageError:
         raise NextStepError(f"cannot read the image {path}: it is not an image format Pillow knows (use PNG, "
                             "JPEG or WebP).") from None
     except Image.DecompressionBombError as e:
         raise NextStepError(f"cannot read the image {path}: {e}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
+        if isinstance(e, OSError) and e.errno is not None:  # permission, a folder, a link loop: not the image's fault
+            raise fs_error("read the image", path, e) from None
         raise NextStepError(f"cannot read the image {path}: it is truncated or corrupt ({e}). Save it "
                             "again as PNG.") from None
 

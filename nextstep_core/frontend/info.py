@@ -6,11 +6,13 @@ import os
 import torch
 
 from ..errors import CheckpointError
+from ..fs import is_file
 from ..weights.identify import AUTO, OVERRIDE_HINT, VAE, kind_of_path
-from ..weights.loading import _vae_files, check_keys, expected_shapes, load_tokenizer, read_model_config
+from ..weights.loading import _vae_files, check_keys, expected_shapes, load_tokenizer, read_model_config, stored_layout
 
 
-def _gib(n: int) -> str:
+def size_text(n: int) -> str:
+    """A file or memory size for people: GiB from a quarter of one, MiB below."""
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
@@ -18,24 +20,26 @@ def describe(path: str, family: str | None = AUTO) -> str:
     """What `path` is; for a model, the family with the rule that decided it (`family` overrides, as on load)."""
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
+        is_file(path, CheckpointError)  # a fault on the path (permission, a link loop) is named as itself
         raise CheckpointError(f"{path} does not exist.")
     return _describe_vae(path) if kind_of_path(path) == VAE else _describe_model(path, family)
 
 
 def _describe_model(path: str, family: str | None) -> str:
     from ..model.decoder import NextStep
-    from ..weights.quant import QUANT_SUFFIXES, stored_shapes
+    from ..weights.quant import QUANT_SUFFIXES
 
     cfg, src = read_model_config(path, family)
     tok = load_tokenizer(src)
     tok.check_against(cfg, src.path)
     with torch.device("meta"):
         expected = expected_shapes(NextStep(cfg, with_lm_head="lm_head.weight" in src.shapes))
-    stored = stored_shapes(expected, src.metadata.get("nextstep_quant"))  # int4 files: two codes per byte
+    stored = stored_layout(expected, src, src.metadata.get("nextstep_quant"))  # int4: two codes per byte
     unexpected = [k for k in check_keys(stored, src, "model", {"gen_pos_embed"}) if not k.endswith(QUANT_SUFFIXES)]
     n_params = sum(torch.Size(s).numel() for k, s in expected.items() if k in src.shapes)
-    dtypes = sorted(set(src.dtypes.values()))
-    size = sum(os.path.getsize(f) for f in src.files)
+    as_stored = src.packed.origin if src.packed is not None else src  # an AutoRound / GPTQ folder: its own files
+    dtypes = sorted(set(as_stored.dtypes.values()))
+    size = sum(os.path.getsize(f) for f in as_stored.files)
     lines = [
         f"NextStep model: {path}",
         f"  family:      {cfg.family_choice}",
@@ -46,9 +50,10 @@ def _describe_model(path: str, family: str | None) -> str:
         f"({cfg.latent_channels} ch, patch {cfg.latent_patch_size})",
         f"  parameters:  {n_params:,}",
         f"  stored as:   {', '.join(dtypes)}" + (f" (quantised {src.metadata['nextstep_quant']})"
-                                                   if "nextstep_quant" in src.metadata else ""),
-        f"  files:       {len(src.files)} file(s), {_gib(size)}",
-        *[f"    {os.path.relpath(f, path) if src.kind == 'folder' else os.path.basename(f)}" for f in src.files],
+                                                   if "nextstep_quant" in src.metadata and not src.packed else ""),
+        *(src.packed.describe() if src.packed is not None else []),
+        f"  files:       {len(as_stored.files)} file(s), {size_text(size)}",
+        *[f"    {os.path.relpath(f, path) if src.kind == 'folder' else os.path.basename(f)}" for f in as_stored.files],
         f"  LM head:     {'present (not loaded for image generation)' if 'lm_head.weight' in src.shapes else 'absent'}",
         f"  tokenizer:   ok (BOS {tok.bos_token!r})",
     ]

@@ -1,16 +1,17 @@
 """Output files: checked before any work starts, written so that an interrupt never leaves half a file.
 
-    outputs = image_outputs("out/fox.png", n)      # [(path, PIL format)], folder created and probed for writing
-    write_atomic(path, lambda f: image.save(f, format=fmt))
+    outputs = image_outputs("out/fox.png", n)      # [(path, PIL format)]; the folder is probed, not yet created
+    write_atomic(path, lambda f: image.save(f, format=fmt))   # creates the folder now, with the file
+
+A command that fails leaves no folder behind: folders are created by the write that fills them (`fs.write_atomic`).
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import os
-import tempfile
 
 from ..errors import NextStepError
+from ..fs import check_writable, write_atomic  # noqa: F401  (write_atomic: the front end's one writer)
 
 DEFAULT_IMAGE_EXT = ".png"
 
@@ -30,17 +31,11 @@ def _image_format(ext: str) -> str:
 
 
 def _writable_folder(path: str, flag: str) -> str:
-    """`path` made absolute, its folder created and probed with a real file (access() lies for root and ACLs)."""
+    """`path` made absolute, with a folder that exists or can be created and takes a new file (nothing is created)."""
     path = os.path.abspath(os.path.expanduser(path))
     if os.path.isdir(path):
         raise NextStepError(f"{flag} {path} is a folder; give a file name inside it.")
-    folder = os.path.dirname(path)
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise NextStepError(f"{flag}: cannot write into {folder} ({e.strerror or e}); choose another folder.") from None
+    check_writable(os.path.dirname(path), f"{flag}: ")
     return path
 
 
@@ -64,23 +59,3 @@ def latents_output(path: str) -> str:
         raise NextStepError(f"--save-latents {path}: the latents are written as a NumPy archive; give a .npz file "
                             "name.")
     return _writable_folder(path, "--save-latents")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_atomic(path: str, write) -> None:
-    """`write(binary file)` into a temporary file beside `path`, then rename it over `path` in one step."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; the result gets the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

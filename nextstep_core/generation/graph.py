@@ -1,23 +1,32 @@
-"""The per-token fast path: fixed shapes, and on CUDA one graph per token, captured once and kept between calls.
+"""The per-token step on fixed shapes: kept between calls, on CUDA replayed as a graph, and checked on first use.
 
-Everything one image token needs — the head's whole sampling loop with guidance, the optional per-token norm,
-feeding the token back through `image_in_projector` and one decoder step — runs on static buffers:
+Every input of one image token lives in a static buffer:
 
-    c        [rows, hidden]          the condition for the next token (decoder output, final-normed)
-    noise    [chunk, draws, B, D]    the noise of up to `NOISE_CHUNK` tokens, drawn and copied in one go
-    guide    [chunk, 2]              their guidance scales (cfg, cfg_img), so a linear schedule needs no recapture
-    slot     [1] long                the row of `noise` / `guide` the next token reads
-    pos      [1] long                the cache slot the fed-back token goes to
-    k_idx    [1] long                the index of the token being sampled (selects its gen_pos_embed row)
-    token    [B, D]                  the sampled token
+    c         [rows, hidden]                 the condition for the next token (decoder output, final-normed)
+    noise     [chunk + spare, draws, B, D]   the noise of up to `NOISE_CHUNK` tokens, staged in one copy
+    guide     [chunk + spare, 2]             their guidance scales (cfg, cfg_img): a linear schedule needs no recapture
+    init      [chunk + spare, B, D] or None  their init tokens, where a variation (denoise < 1) starts from them
+    slot      [1] long                       the row of `noise` / `guide` the next token reads
+    pos       [1] long                       the cache slot its feed-back goes to
+    k_idx     [1] long                       the token's index (selects its gen_pos_embed row)
+    rows      RowSlots                       each row's real (non-pad) slots
+    token     [B, D]                         the sampled token
 
-On CUDA the step is captured once with `torch.cuda.CUDAGraph` (no Triton, no torch.compile needed) and replayed per
-token — the last one too, whose decoder step writes a spare cache slot nobody reads — so a token costs one host
-call instead of thousands of kernel launches, and nothing synchronises with the host inside the loop. Elsewhere the
-same step runs eagerly, which is how the CPU tests check it against the plain loop.
+`_static_token` gathers them into the arguments of `step.token_step` — the function the plain loop calls — with the
+whole cache under a mask, writes the results back and advances the counters. On CUDA that call is captured once per
+head step count (step annealing captures each count when it first reaches it, into one memory pool) and replayed
+per token, so a token costs one host call instead of thousands of kernel launches and nothing waits on the host
+inside the loop. Elsewhere (`fast="static"`, which is how the CPU tests run this path) it runs as it is.
 
-The step, its buffers and its KV cache stay on the model (`model.step_cache`) for the next generation of the same
-shape (`step_key`): a new prompt only refills the cache and the buffers. `model.release_step_cache()` frees them.
+What a step bakes in is declared once (`step_key`): the fields `settings.GRAPH_BAKED` names, the plan's shapes, the
+dtype, the device, and where every weight lives. The prompt is not: the cache has room for a prompt of up to
+`prompt_slots` tokens (a multiple of PROMPT_BUCKET), so a prompt of another length reuses the step.
+
+Self-check: the first token a step runs for each head step count is computed by the fixed step and again by the
+plain step on the same inputs (`length = pos + 1`, as the plain loop attends). A difference beyond the dtype's
+tolerance, or an error in warm-up, capture or replay, switches the rest of the generation to the plain step on the
+same caches and noise, with one warning; the step is remembered as broken for its key, so later generations take
+the plain loop at once. `SampleResult.path` says which path ran and `SampleResult.fallback` why it changed.
 """
 from __future__ import annotations
 
@@ -25,192 +34,286 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from .sampling import Guidance, sample_token
+from ..model.attention import RowSlots
+from .memory import check_fits
+from .settings import graph_baked
+from .step import Slot, TokenInputs, TokenSpec, token_step
 
 log = logging.getLogger("nextstep")
 
 NOISE_CHUNK = 1024  # tokens of noise staged at once: a 512x512 image in one copy, bounded memory for huge ones
-WARMUP_STEPS = 2  # eager steps before capture (they allocate the workspaces outside the graph)
-
-
-def step_key(model, plan) -> tuple:
-    """What a captured step bakes in: shapes, the head's time grid and sampler, the dtype, and where every weight
-    lives (a host that moves the model off the device and back, as ComfyUI does, gets a fresh capture). A weight
-    packed for the CPU (`cpu_pack`) has no data pointer; it is a new tensor whenever it is packed again."""
-    s = plan.settings
-    where = hash(tuple(id(t) if t.is_mkldnn else t.data_ptr() for t in (*model.parameters(), *model.buffers())))
-    return (plan.rows, plan.n_img, plan.branches, plan.prompt_len, plan.h, plan.w, s.steps, s.timesteps_shift,
-            s.sampler, s.use_norm, s.head_loop, s.compile_head, plan.family.name, model.dtype, str(model.device), where)
-
-
-def cache_slots(plan) -> int:
-    """KV slots of the fixed-shape path: the prompt, every image token's feed-back (the last one's included, as
-    the captured step always runs the decoder), at least the warm-up's steps, rounded up to 16 so the mask rows
-    are aligned for the fused attention kernels. Spare slots are masked until written."""
-    n = plan.prompt_len + max(plan.total, WARMUP_STEPS)
-    return -(-n // 16) * 16
-
-
-@dataclass
-class StepCache:
-    key: tuple
-    step: "StaticTokenStep"
-
-
-class StaticTokenStep:
-    def __init__(self, model, cache, plan, capture: bool):
-        dev, dtype, cfg = model.device, model.dtype, model.config
-        self.model, self.cache, self.plan = model, cache, plan
-        self.head = plan.head_plan(model, plan.settings.steps)  # its time embeddings: fixed, outside the graph
-        self.head = self.head.for_graph_capture() if capture else self.head  # no torch.compile under capture
-        self.chunk = max(WARMUP_STEPS, min(plan.total, NOISE_CHUNK))
-        self.c = torch.zeros(plan.rows, cfg.hidden_size, device=dev, dtype=dtype)
-        self.noise = torch.zeros(self.chunk, self.head.draws, plan.n_img, cfg.token_dim, device=dev)
-        self.guide = torch.ones(self.chunk, 2, device=dev)
-        self.slot = torch.zeros(1, dtype=torch.long, device=dev)
-        self.pos = torch.full((1,), plan.prompt_len, dtype=torch.long, device=dev)
-        self.k_idx = torch.zeros(1, dtype=torch.long, device=dev)
-        self.token = torch.zeros(plan.n_img, cfg.token_dim, device=dev, dtype=dtype)
-        self.pos_rows = _pos_rows(model, plan.total, plan.h, plan.w)
-        self.staged = None  # the pinned host copy of the current noise chunk (alive until its copy is done)
-        self.noise_src = None
-        cache.real[:, plan.prompt_len:] = True  # every slot after the prompt will hold a real image token
-        self.graph = None
-        self.capture_error: str | None = None
-        if capture:
-            saved = self._state()
-            try:
-                self._capture()
-            except RuntimeError as e:  # a driver or kernel that cannot be captured: same results, without a graph
-                self.capture_error = str(e).splitlines()[0] if str(e) else type(e).__name__
-                log.warning("CUDA graph capture failed (%s); continuing without graphs (slower, same results).",
-                            self.capture_error)
-                self.graph = None
-            self._restore(saved)
-
-    @property
-    def path(self) -> str:
-        return "graph" if self.graph is not None else "static"
-
-    def begin(self, plan, c: torch.Tensor, noise_src) -> None:
-        """Start a generation on this (possibly kept) step: `c` is the prefill's last condition per row."""
-        self.plan, self.noise_src = plan, noise_src
-        self.cache.real[:, plan.prompt_len:] = True
-        self.c.copy_(c)
-        self.pos.fill_(plan.prompt_len)
-        self.k_idx.zero_()
-
-    def _sample(self):
-        model = self.model
-        noise = self.noise.index_select(0, self.slot)[0]
-        guide = self.guide.index_select(0, self.slot)[0]
-        c = self.c if self.pos_rows is None else self.c + self.pos_rows.index_select(0, self.k_idx)
-        cc = model.image_out_projector(c)
-        tok = sample_token(model.image_head, cc, noise, self.head, Guidance(self.plan.branches, guide[0], guide[1]))
-        tok = tok.to(self.token.dtype)
-        if self.plan.settings.use_norm:
-            tok = F.layer_norm(tok, (tok.shape[-1],), eps=1e-6)
-        self.token.copy_(tok)
-
-    def _advance(self):
-        """Feed `token` back through the decoder at slot `pos`: the condition for the next token."""
-        model = self.model
-        emb = model.image_in_projector(self.token).repeat(self.plan.branches, 1)[:, None]
-        self.c.copy_(model.forward_static(emb, self.cache, self.pos)[:, -1])
-        self.pos.add_(1)
-        self.k_idx.add_(1)
-        self.slot.add_(1)
-
-    def _step(self):
-        self._sample()
-        self._advance()
-
-    def _capture(self):
-        saved = self._state()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up runs allocate their workspaces outside the graph
-            for _ in range(WARMUP_STEPS):
-                self._step()
-        torch.cuda.current_stream().wait_stream(side)
-        self._restore(saved)
-        graph = torch.cuda.CUDAGraph()
-        try:  # other threads of the host process (a UI server) may touch CUDA meanwhile: only ours is checked
-            ctx = torch.cuda.graph(graph, capture_error_mode="thread_local")
-        except TypeError:  # torch without capture_error_mode
-            ctx = torch.cuda.graph(graph)
-        with ctx:
-            self._step()
-        self.graph = graph
-
-    def _state(self):
-        return self.c.clone(), self.pos.clone(), self.k_idx.clone(), self.slot.clone()
-
-    def _restore(self, saved):
-        for buf, value in zip((self.c, self.pos, self.k_idx, self.slot), saved):
-            buf.copy_(value)
-
-    def _stage(self, k: int) -> None:
-        """Draw the noise and guidance of tokens k.. (one chunk) and copy them to the device in one go each."""
-        n = min(self.chunk, self.plan.total - k)
-        noise = torch.stack([self.noise_src.next(self.plan.draws) for _ in range(n)])
-        guide = torch.tensor([self.plan.guidance(j) for j in range(k, k + n)], dtype=torch.float32)
-        if self.noise.is_cuda:
-            noise, guide = noise.pin_memory(), guide.pin_memory()
-        self.staged = (noise, guide)  # a non-blocking copy reads them after this returns
-        self.noise[:n].copy_(noise, non_blocking=True)
-        self.guide[:n].copy_(guide, non_blocking=True)
-        self.slot.zero_()
-
-    def run(self, k: int, forced=None) -> torch.Tensor:
-        """Sample token k and advance the decoder; returns the static token buffer (read it before the next run).
-
-        `forced` = (keep [B] bool, tokens [B, D]): kept images take the given token, and when every image keeps it
-        the head does not run; after the last token the decoder does not run either (nothing reads it).
-        """
-        if k % self.chunk == 0:
-            self._stage(k)
-        last = k + 1 == self.plan.total
-        if forced is None and self.graph is not None:
-            self.graph.replay()
-            return self.token
-        if forced is None or not bool(forced[0].all()):  # decided on the host copy: no device sync per token
-            self._sample()
-        if forced is not None:
-            keep = forced[0].to(self.token.device)
-            self.token.copy_(torch.where(keep[:, None], forced[1].to(self.token.device, self.token.dtype), self.token))
-        if not last:
-            self._advance()
-        return self.token
-
-
-def static_step(model, plan, capture: bool):
-    """The kept step for this plan's shape, or None; a kept step of another shape is released first."""
-    kept = model.step_cache
-    if kept is not None and kept.key == step_key(model, plan) + (capture,) and \
-            (kept.step.graph is not None or not capture):
-        kept.step.cache.reset()
-        return kept.step
-    model.release_step_cache()
-    return None
-
-
-def new_static_step(model, plan, cache, capture: bool) -> StaticTokenStep:
-    step = StaticTokenStep(model, cache, plan, capture)
-    model.step_cache = StepCache(step_key(model, plan) + (capture,), step)
-    return step
-
-
-def _pos_rows(model, total: int, h: int, w: int):
-    """The gen_pos_embed row for each token index (plus one spare), or None when the model has no table."""
-    if model.gen_pos_embed is None:
-        return None
-    rows = [model.pos_embed_for(k, h, w) for k in range(total)]
-    rows.append(torch.zeros_like(rows[0]))
-    return torch.stack(rows).to(model.device, model.dtype)
+WARMUP_STEPS = 2  # eager steps before a capture (they allocate the workspaces outside the graph)
+PROMPT_BUCKET = 64  # prompt slots are rounded up to this, so prompts of other lengths share one step
+# How far the fixed step may be from the plain one on its first token (relative L2 of the token and of the next
+# condition). They differ only in the round-off of attending over the whole masked cache instead of the filled slots:
+# measured on random checkpoints on the CPU (tiny, small, medium; both families; cfg 1 and 3), the token agreed
+# exactly and the next condition to at most 1e-6 in fp32, 1.8e-3 in fp16 and 1.4e-2 in bf16. A wrong graph (stale
+# addresses, a broken kernel) is off by order 1.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 0.1}
+REPORT = ("please report it with the output of `python -m nextstep_core doctor --json report.json` "
+          "(attach report.json)")
 
 
 def graphs_available(device: torch.device) -> bool:
     return device.type == "cuda" and hasattr(torch.cuda, "CUDAGraph")
+
+
+def _capture(fn, restore, pool):
+    """Warm `fn()` up on a side stream (its workspaces are allocated outside the graph), `restore()` the state it
+    changed, and record `fn()` as a CUDA graph in memory `pool` (None: a new one). Returns (graph, pool);
+    `graph.replay()` runs it again. The one CUDA-specific function here: tests stand in for it on the CPU."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(WARMUP_STEPS):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    restore()
+    pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+    graph = torch.cuda.CUDAGraph()
+    try:  # other threads of the host process (a UI server) may touch CUDA meanwhile: only ours is checked
+        ctx = torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local")
+    except TypeError:  # torch without capture_error_mode
+        ctx = torch.cuda.graph(graph, pool=pool)
+    with ctx:
+        fn()
+    return graph, pool
+
+
+def prompt_slots(prompt_len: int) -> int:
+    return -(-prompt_len // PROMPT_BUCKET) * PROMPT_BUCKET
+
+
+def cache_len(plan) -> int:
+    """KV slots of the fixed-shape path: the prompt's bucket, every image token's feed-back (the last one's too,
+    as a replayed step always runs the decoder) and room for a warm-up run at the last token."""
+    return prompt_slots(plan.prompt_len) + plan.total + WARMUP_STEPS
+
+
+def step_key(model, plan, capture: bool) -> tuple:
+    """What a kept step bakes in. A weight packed for the CPU (`cpu_pack`) has no data pointer; it is a new tensor
+    whenever it is packed again. A host that moves the model off the device and back (ComfyUI) gets a new step."""
+    where = hash(tuple(id(t) if t.is_mkldnn else t.data_ptr() for t in (*model.parameters(), *model.buffers())))
+    shapes = (plan.rows, plan.n_img, plan.branches, plan.h, plan.w, prompt_slots(plan.prompt_len))
+    return (graph_baked(plan.settings), plan.family.name, shapes, model.dtype, str(model.device), where, capture)
+
+
+@dataclass
+class StepCache:
+    """The kept step of one key."""
+    key: tuple
+    step: "FixedStep"
+
+
+class Fallback(Exception):
+    """The fixed step cannot be trusted for this key (the message says why)."""
+
+
+class FixedStep:
+    def __init__(self, model, plan, capture: bool):
+        dev, dtype, cfg = model.device, model.dtype, model.config
+        self.model, self.capture = model, capture
+        self.max_len = cache_len(plan)
+        model.rope_rows(self.max_len, dtype, dev)  # grown now, not under a graph that would keep reading the old one
+        self.caches = model.setup_caches(plan.rows, self.max_len)
+        self.chunk = max(WARMUP_STEPS, min(plan.total, NOISE_CHUNK))
+        self.c = torch.zeros(plan.rows, cfg.hidden_size, device=dev, dtype=dtype)
+        self.noise = torch.zeros(self.chunk + WARMUP_STEPS, plan.draws, plan.n_img, cfg.token_dim, device=dev)
+        self.guide = torch.ones(self.chunk + WARMUP_STEPS, 2, device=dev)
+        self.init = None if plan.settings.denoise == 1 else torch.zeros_like(self.noise[:, 0])  # [chunk + spare, B, D]
+        self.slot, self.pos, self.k_idx = (torch.zeros(1, dtype=torch.long, device=dev) for _ in range(3))
+        self.rows = RowSlots(torch.zeros(plan.rows, dtype=torch.long, device=dev), self.max_len, dtype)
+        self.token = torch.zeros(plan.n_img, cfg.token_dim, device=dev, dtype=dtype)
+        self.pos_rows = plan.pos_rows(model, spare=WARMUP_STEPS)
+        self.specs: dict[int, TokenSpec] = {}  # per head step count; a graph reads its head plan's tensors
+        self.graphs: dict[int, object] = {}
+        self.checked: set[tuple] = set()  # (step count, graph or not) whose first token was checked
+        self.pool = None  # the memory pool all of this step's graphs share
+        self.plan, self.key = plan, step_key(model, plan, capture)
+        self.staged = None  # the host copy of the current noise chunk and its guidance (alive until copied)
+        self.fallback: str | None = None
+
+    @property
+    def path(self) -> str:
+        if self.fallback is not None:
+            return "eager"
+        return "graph" if self.capture else "static"
+
+    def begin(self, plan, c: torch.Tensor, start: torch.Tensor, noise_src, inits=None) -> None:
+        """Start a generation on this (possibly kept) step: `c` is the prefill's last condition per row, `inits`
+        [B, T, D] (host) the tokens a variation starts from (denoise < 1, baked into the key), else None."""
+        self.plan, self.noise_src, self.fallback, self.inits = plan, noise_src, None, inits
+        self.c.copy_(c)
+        self.rows.refill(start)
+        self.pos.fill_(plan.prompt_len)
+        self.k_idx.zero_()
+
+    def run(self, k: int, forced=None) -> torch.Tensor:
+        """Sample token k and advance the decoder; returns the static token buffer (read it before the next run).
+
+        `forced` = (keep [B] bool, tokens [B, D]): kept images take the given token (such a token runs uncaptured);
+        after the last token the decoder runs only inside a graph replay (a spare slot nobody reads)."""
+        if k % self.chunk == 0:
+            self._stage(k)
+        spec = self._spec(k)
+        feed = k + 1 < self.plan.total
+        if self.fallback is None:
+            saved = self._state()
+            try:
+                self._fixed(k, spec, forced, feed)
+                return self.token
+            except Fallback as e:
+                self._restore(saved)
+                self._fall_back(str(e))
+        return self._plain_token(k, spec, forced, feed)
+
+    # ---- the fixed step
+
+    def _spec(self, k: int) -> TokenSpec:
+        steps = self.plan.steps_at(k)
+        if steps not in self.specs:
+            spec = self.plan.token_spec(self.model, k)
+            head = spec.head.for_graph_capture() if self.capture else spec.head  # no torch.compile under capture
+            self.specs[steps] = TokenSpec(head, spec.branches, spec.use_norm)
+        return self.specs[steps]
+
+    def _static_token(self, spec: TokenSpec, forced=None, feed: bool = True) -> None:
+        """One token on the static buffers: what a graph captures (with `forced=None, feed=True`)."""
+        noise = self.noise.index_select(0, self.slot)[0]
+        guide = self.guide.index_select(0, self.slot)[0]
+        row = None if self.pos_rows is None else self.pos_rows.index_select(0, self.k_idx)
+        mask = self.rows.decode_mask(self.pos, self.max_len, self.model.group)
+        init = None if self.init is None else self.init.index_select(0, self.slot)[0]
+        x = TokenInputs(self.c, noise, guide[0], guide[1], row, init)
+        tok, c = token_step(self.model, spec, x, Slot(self.pos, mask, self.max_len), forced, feed)
+        self._commit(tok, c)
+
+    def _plain_token(self, k: int, spec: TokenSpec, forced=None, feed: bool = True) -> torch.Tensor:
+        """Token k by the plain loop's step on this step's caches and staged noise (attention over pos + 1 slots)."""
+        model, plan = self.model, self.plan
+        dev = self.c.device
+        row = None if self.pos_rows is None else self.pos_rows[k]
+        init = None if self.init is None else self.staged[2][k % self.chunk].to(dev)
+        x = TokenInputs(self.c.clone(), self.staged[0][k % self.chunk].to(dev), *plan.guidance(k), row, init)
+        p = plan.prompt_len + k
+        pos = torch.tensor([p], device=dev)
+        slot = Slot(pos, self.rows.decode_mask(pos, p + 1, model.group), p + 1)
+        tok, c = token_step(model, spec, x, slot, forced, feed)
+        self._commit(tok, c)
+        return self.token
+
+    def _commit(self, tok: torch.Tensor, c: torch.Tensor | None) -> None:
+        self.token.copy_(tok)
+        if c is not None:
+            self.c.copy_(c)
+        self.pos.add_(1)
+        self.k_idx.add_(1)
+        self.slot.add_(1)
+
+    # ---- capture and self-check
+
+    def _graph(self, steps: int, spec: TokenSpec):
+        if steps in self.graphs:
+            return self.graphs[steps]
+        saved = self._state()
+        try:
+            graph, self.pool = _capture(lambda: self._static_token(spec), lambda: self._restore(saved), self.pool)
+        except Exception as e:  # a driver, kernel or op that cannot run or be captured here
+            raise Fallback(f"CUDA graph capture failed ({_first_line(e)})") from None
+        finally:
+            self._restore(saved)
+        self.graphs[steps] = graph
+        return graph
+
+    def _fixed(self, k: int, spec: TokenSpec, forced, feed: bool) -> None:
+        """Token k on the fixed step (a graph replay where one applies); its first token per step count checked."""
+        steps = len(spec.head.grid) - 1
+        replay = forced is None and self.capture
+        fixed = self._graph(steps, spec).replay if replay else lambda: self._static_token(spec, forced, feed)
+        if (steps, replay) in self.checked:
+            _guarded(fixed, self.path)
+            return
+        saved = self._state()
+        self._plain_token(k, spec, forced, feed)
+        want = self.token.clone(), self.c.clone()
+        self._restore(saved)
+        _guarded(fixed, self.path)
+        err = max(_rel_err(self.token, want[0]), _rel_err(self.c, want[1]) if feed else 0.0)
+        tol = TOLERANCE.get(self.model.dtype, 0.1)
+        if not err <= tol:
+            raise Fallback(f"its first token differs from the plain step's by {err:.3g} (tolerance {tol:g} in "
+                           f"{self.model.dtype})")
+        self.checked.add((steps, replay))
+
+    def _fall_back(self, why: str) -> None:
+        self.fallback = why
+        self.model.broken_steps[self.key] = why  # later calls of this key take the plain loop at once
+        self.model.step_cache = None  # freed once this generation ends
+        log.warning("NextStep: the %s per-token path is not used on %s: %s. This generation continues on the "
+                    "plain path (slower, same results); %s.", "CUDA-graph" if self.capture else "fixed-shape",
+                    self.model.device, why, REPORT)
+
+    def _state(self):
+        return self.c.clone(), self.pos.clone(), self.k_idx.clone(), self.slot.clone(), self.token.clone()
+
+    def _restore(self, saved) -> None:
+        for buf, value in zip((self.c, self.pos, self.k_idx, self.slot, self.token), saved):
+            buf.copy_(value)
+
+    def _stage(self, k: int) -> None:
+        """Draw the noise and guidance of tokens k.. (one chunk) and copy them to the device in one go each."""
+        plan = self.plan
+        n = min(self.chunk, plan.total - k)
+        noise = torch.stack([self.noise_src.next(plan.draws) for _ in range(n)])
+        guide = torch.tensor([plan.guidance(j) for j in range(k, k + n)], dtype=torch.float32)
+        init = self.inits[:, k:k + n].transpose(0, 1).contiguous() if self.init is not None else None
+        if self.noise.is_cuda:
+            noise, guide = noise.pin_memory(), guide.pin_memory()
+            init = init.pin_memory() if init is not None else None
+        self.staged = (noise, guide, init)  # a non-blocking copy reads them after this returns
+        self.noise[:n].copy_(noise, non_blocking=True)
+        self.guide[:n].copy_(guide, non_blocking=True)
+        if init is not None:
+            self.init[:n].copy_(init, non_blocking=True)
+        self.slot.zero_()
+
+
+def _guarded(fn, path: str) -> None:
+    try:
+        fn()
+    except Exception as e:  # whatever a kernel or a graph replay raises here
+        raise Fallback(f"the {path} step raised {_first_line(e)}") from None
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp(min=1e-12))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+
+
+def fixed_step(model, plan, capture: bool) -> FixedStep | None:
+    """The kept step for this plan (its caches installed), a new one, or None when this key is known to be broken.
+
+    A kept step of another key is released first, so its memory counts as free when the new one is allocated."""
+    key = step_key(model, plan, capture)
+    if key in model.broken_steps:
+        return None
+    kept = model.step_cache
+    if kept is not None and kept.key == key:
+        model.install_caches(kept.step.caches)
+        return kept.step
+    model.release_step_cache()
+    check_fits(model, plan.rows, cache_len(plan), plan=plan)
+    step = FixedStep(model, plan, capture)
+    model.step_cache = StepCache(step.key, step)
+    return step
+
+
+def broken_reason(model, plan, capture: bool) -> str | None:
+    """Why this plan's key runs the plain loop, if an earlier generation found its fixed step wrong."""
+    return model.broken_steps.get(step_key(model, plan, capture))

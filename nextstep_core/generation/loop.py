@@ -5,25 +5,31 @@
     images = decode_latents(vae, res.latents)                                     # [B,3,H,W] in 0..1
 
 Per token k: the head samples the token on every guidance row's condition (or, for a token kept by a `TokenInit`,
-the given token is taken as is), and the token goes back into every row's KV cache. Two steppers do that work: the
-plain loop here, and the fixed-shape step of `fast.py` (a CUDA graph on CUDA). Noise: `noise.py`.
+the given token is taken as is), and the token goes back into every row's KV cache: `step.token_step`, the one
+per-token function. Two steppers call it: `PlainStep` here (caches of the exact size, attention over the filled
+slots) and the fixed-shape `FixedStep` of `graph.py` (static buffers, a CUDA graph on CUDA, checked against the plain
+step on first use). Noise: `noise.py`.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import GenerationCancelled, NextStepError
+from ..model.attention import RowSlots, prefill_mask
 from ..model.family import family_of
+from . import graph
 from .keep import TokenInit
 from .memory import check_fits
 from .noise import NoiseSource
 from .plan import GenerationPlan
 from .prompt import IMAGE_MARKER, build_rows, check_text, grid_size, patchify, tokenize_rows, unpatchify
-from .sampling import Guidance, sample_token
 from .settings import SamplerSettings
+from .step import Slot, TokenInputs, token_step
 
 
 @dataclass
@@ -58,6 +64,7 @@ class SampleResult:
     width: int
     height: int
     path: str = "eager"  # which per-token path ran: "graph", "static" or "eager"
+    fallback: str | None = None  # why the fixed-shape path was left for the plain one, when it was
 
 
 def _validate(model, cond: Conditioning, settings: SamplerSettings | None, init=None) -> SamplerSettings:
@@ -123,7 +130,7 @@ def prompt_batch(model, cond: Conditioning, width: int, height: int, images_per_
 
 
 def _embed(model, batch, cond: Conditioning, n_per_prompt: int, device):
-    x = model.embed_text(batch.input_ids.to(device))
+    x = model.embed_text(batch.input_ids)
     if not batch.rows_with_image:
         return x
     p = model.config.latent_patch_size
@@ -138,81 +145,92 @@ def _embed(model, batch, cond: Conditioning, n_per_prompt: int, device):
     return x
 
 
-class _EagerStepper:
-    """Per token: the head samples on all guidance rows, the guided token goes back into every row's cache."""
+class PlainStep:
+    """The plain loop: caches of exactly the size needed, attention over the slots filled so far."""
 
     path = "eager"
+    fallback = None
 
-    def __init__(self, model, plan: GenerationPlan, cache, c: torch.Tensor, noise_src: NoiseSource):
-        self.model, self.plan, self.cache, self.c, self.noise_src = model, plan, cache, c, noise_src
+    def __init__(self, model, plan: GenerationPlan):
+        check_fits(model, plan.rows, plan.prompt_len + plan.total, plan=plan)
+        self.model, self.plan = model, plan
+        model.setup_caches(plan.rows, plan.prompt_len + plan.total - 1)  # the last token is never fed back
+        self.pos_rows = plan.pos_rows(model)
 
-    def step(self, k: int, forced=None) -> torch.Tensor:
+    def begin(self, plan, c: torch.Tensor, start: torch.Tensor, noise_src: NoiseSource, inits=None) -> None:
+        """`inits` [B, T, D] (host): the tokens a variation (denoise < 1) starts each token from, or None."""
+        self.c, self.noise_src, self.inits = c, noise_src, inits
+        # no padding: attend to every filled slot, no mask
+        self.rows = RowSlots(start, plan.prompt_len + plan.total, c.dtype) if bool(start.any()) else None
+
+    def run(self, k: int, forced=None) -> torch.Tensor:
         """Token k for every image [B, D] (float32, CPU); `forced` = (keep [B] bool, tokens [B, D]) or None."""
         model, plan = self.model, self.plan
-        # kept tokens draw their noise too, so the rest of the image keeps the stream of a full run
-        noise = self.noise_src.next(plan.draws)
-        if forced is None or not bool(forced[0].all()):
-            tok = self._sample(k, noise)
-        else:
-            tok = torch.zeros(plan.n_img, model.config.token_dim, device=model.device, dtype=model.dtype)
-        if forced is not None:
-            keep, given = forced[0].to(tok.device), forced[1].to(tok.device, tok.dtype)
-            tok = torch.where(keep[:, None], given, tok)
-        if k + 1 < plan.total:  # nothing reads the model after the last token
-            emb = model.image_in_projector(tok).repeat(plan.branches, 1)[:, None]
-            self.c = model.forward_embeds(emb, self.cache)[:, -1]
+        noise = self.noise_src.next(plan.draws)  # kept tokens draw their noise too: the stream of a full run
+        row = None if self.pos_rows is None else self.pos_rows[k]
+        init = None if self.inits is None else self.inits[:, k].to(model.device)
+        x = TokenInputs(self.c, noise.to(model.device), *plan.guidance(k), row, init)
+        p = plan.prompt_len + k
+        pos = torch.tensor([p], device=model.device)
+        mask = None if self.rows is None else self.rows.decode_mask(pos, p + 1, model.group)
+        tok, c = token_step(model, plan.token_spec(model, k), x, Slot(pos, mask, p + 1), forced,
+                            feed=k + 1 < plan.total)
+        self.c = self.c if c is None else c
         return tok.float().cpu()
 
-    def _sample(self, k: int, noise: torch.Tensor) -> torch.Tensor:
-        model, plan = self.model, self.plan
-        pos = model.pos_embed_for(k, plan.h, plan.w)
-        cc = model.image_out_projector(self.c if pos is None else self.c + pos.to(self.c.dtype))
-        head = plan.head_plan(model, plan.steps_at(k))
-        noise = noise[:head.draws].to(model.device)
-        tok = sample_token(model.image_head, cc, noise, head, Guidance(plan.branches, *plan.guidance(k)))
-        tok = tok.to(model.dtype)
-        return F.layer_norm(tok, (tok.shape[-1],), eps=1e-6) if plan.settings.use_norm else tok
+
+_guards: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (lock, the thread generating)
+_guards_lock = threading.Lock()
 
 
-class _StaticStepper:
-    """The same per-token work on fixed shapes (fast.py): a CUDA graph when `capture`, kept on the model for the
-    next generation of the same shape, with its KV cache (`cache` is that cache when `fixed` is a kept step)."""
+@contextlib.contextmanager
+def _one_caller(model):
+    """One generation at a time per model (its layers own the KV caches): a second thread waits for the first; the
+    same thread coming back in (a progress callback that samples) is refused instead of corrupting the first."""
+    with _guards_lock:
+        guard = _guards.setdefault(model, [threading.Lock(), None])
+    if guard[1] == threading.get_ident():
+        raise NextStepError("this model is already generating on this thread (a callback called sample() again): "
+                            "wait for the first call to finish, or load a second copy of the model.")
+    with guard[0]:
+        guard[1] = threading.get_ident()
+        try:
+            yield
+        finally:
+            guard[1] = None
+            model.install_caches(None)  # a kept fixed-shape step holds its own; the plain loop's are freed
 
-    def __init__(self, model, plan: GenerationPlan, cache, c: torch.Tensor, noise_src: NoiseSource, fixed, capture):
-        from .graph import new_static_step
 
-        self.fixed = fixed if fixed is not None else new_static_step(model, plan, cache, capture)
-        self.fixed.begin(plan, c, noise_src)
-        self.path = self.fixed.path
-
-    def step(self, k: int, forced=None) -> torch.Tensor:
-        return self.fixed.run(k, forced=forced)
-
-
-def _fast_mode(fast: str, device: torch.device, annealing: bool) -> str:
-    from .graph import graphs_available
-
+def _path(fast: str, device: torch.device) -> str:
     if fast == "auto":
-        return "graph" if graphs_available(device) and not annealing else "eager"
-    if fast == "graph" and not graphs_available(device):
+        return "graph" if graph.graphs_available(device) else "eager"
+    if fast == "graph" and not graph.graphs_available(device):
         raise NextStepError(f"CUDA graphs need a CUDA device; this model is on {device}. Use fast='auto'.")
     return fast
 
 
-def _cache_for(model, plan: GenerationPlan, mode: str):
-    """(KV cache, kept fixed-shape step or None): a kept step of this shape brings its own cache; otherwise the
-    kept one is released first, so its memory counts as free when the new cache is checked against the device."""
-    from .graph import cache_slots, static_step
+def _stepper(model, plan: GenerationPlan, path: str):
+    """The per-token stepper for `path`: a kept or new fixed-shape step, or the plain loop (also where this key's
+    fixed step was found wrong before: the warning was given then)."""
+    if path != "eager":
+        capture = path == "graph"
+        step = graph.fixed_step(model, plan, capture)
+        if step is not None:
+            return step
+        plain = PlainStep(model, plan)
+        plain.fallback = graph.broken_reason(model, plan, capture)
+        return plain
+    model.release_step_cache()  # its memory counts as free for the plain loop's caches
+    return PlainStep(model, plan)
 
-    if mode == "eager":
-        model.release_step_cache()
-        check_fits(model, plan.rows, plan.prompt_len + plan.total)
-        return model.new_cache(plan.rows, plan.prompt_len + plan.total - 1), None
-    fixed = static_step(model, plan, capture=mode == "graph")
-    if fixed is not None:
-        return fixed.cache, fixed
-    check_fits(model, plan.rows, cache_slots(plan))
-    return model.new_cache(plan.rows, cache_slots(plan)), None
+
+def _prefill(model, batch, cond: Conditioning, n_per_prompt: int) -> torch.Tensor:
+    """Run the prompts of every guidance row through the decoder; the last position's condition [rows, hidden]."""
+    x = _embed(model, batch, cond, n_per_prompt, model.device).to(model.dtype)
+    n = x.shape[1]
+    real = batch.real.to(model.device)
+    pos = torch.arange(n, device=model.device)
+    return model(x, pos, prefill_mask(real, model.dtype), n)[:, -1]
 
 
 def sample(model, cond: Conditioning, settings: SamplerSettings | None = None, progress=None, should_cancel=None,
@@ -223,6 +241,7 @@ def sample(model, cond: Conditioning, settings: SamplerSettings | None = None, p
     whole canvas [B, T, D]: kept tokens from the start, the rest zero until sampled); on the model's device in the
     fast paths. `should_cancel()` is checked before every token. `init` keeps tokens (teacher forcing, `keep.py`).
     `latent_affine` (scale, shift) converts tokens to the VAE's raw latents (default: the model's own).
+    One model runs one generation at a time: other threads wait for it.
     """
     mcfg = model.config
     s = _validate(model, cond, settings, init)
@@ -232,17 +251,21 @@ def sample(model, cond: Conditioning, settings: SamplerSettings | None = None, p
     plan = GenerationPlan(s, family_of(mcfg), h, w, branches, batch.input_ids.shape[1],
                           len(cond.prompts) * s.images_per_prompt)
     forced = init.resolve(plan.n_img, h, w, mcfg.token_dim) if init is not None else None
+    if s.denoise < 1 and forced is None:
+        raise NextStepError(f"denoise {s.denoise} varies an image: it needs an init (a latent, --init-image or "
+                            "--init-latents) to start from; without one, set denoise to 1.")
+    if forced is not None and s.denoise == 0:  # nothing to regenerate: every token is its init, exactly
+        forced = (forced[0], torch.ones_like(forced[1]))
+    inits = forced[0] if forced is not None and s.denoise < 1 else None
     edit_shape = (len(batch.rows_with_image), *cond.edit_latents[0].shape) if batch.rows_with_image else None
     noise_src = NoiseSource(s.noise, s.seed, len(cond.prompts), s.images_per_prompt, mcfg.token_dim, plan.family,
                             edit_shape)
-    mode = _fast_mode(s.fast, model.device, s.steps_end is not None)
-    with torch.inference_mode():
-        cache, fixed = _cache_for(model, plan, mode)
-        x = _embed(model, batch, cond, s.images_per_prompt, model.device).to(model.dtype)
-        c = model.forward_embeds(x, cache, batch.real.to(model.device))[:, -1]
-        stepper = _EagerStepper(model, plan, cache, c, noise_src) if mode == "eager" else \
-            _StaticStepper(model, plan, cache, c, noise_src, fixed, capture=mode == "graph")
-        tokens = torch.zeros(plan.n_img, plan.total, mcfg.token_dim, device="cpu" if mode == "eager" else model.device)
+    path = _path(s.fast, model.device)
+    with _one_caller(model), torch.inference_mode():
+        stepper = _stepper(model, plan, path)
+        c = _prefill(model, batch, cond, s.images_per_prompt)
+        stepper.begin(plan, c, (~batch.real).sum(1).to(model.device), noise_src, inits)
+        tokens = torch.zeros(plan.n_img, plan.total, mcfg.token_dim, device="cpu" if path == "eager" else model.device)
         last_free = plan.total - 1
         if forced is not None:  # the canvas starts with the kept tokens, so previews show them from the start
             tokens.copy_(torch.where(forced[1][..., None], forced[0], 0.0))
@@ -253,13 +276,13 @@ def sample(model, cond: Conditioning, settings: SamplerSettings | None = None, p
                 raise GenerationCancelled(f"cancelled after {k} of {plan.total} tokens")
             if k <= last_free:  # a token no image keeps takes the plain step (on CUDA: the captured graph)
                 kept = forced is not None and bool(forced[1][:, k].any())
-                tokens[:, k] = stepper.step(k, (forced[1][:, k], forced[0][:, k]) if kept else None)
+                tokens[:, k] = stepper.run(k, (forced[1][:, k], forced[0][:, k]) if kept else None)
             if progress is not None:
                 progress(k + 1, plan.total, tokens if forced is not None else tokens[:, :k + 1])
     tokens = tokens.float().cpu()
     scale, shift = latent_affine or model.latent_affine
     latents = unpatchify(tokens, h, w, mcfg.latent_patch_size) / scale + shift
-    return SampleResult(tokens, latents, s.width, s.height, stepper.path)
+    return SampleResult(tokens, latents, s.width, s.height, stepper.path, stepper.fallback)
 
 
 def tokens_to_latents(tokens: torch.Tensor, width: int, height: int, cfg, latent_affine=(1.0, 0.0)) -> torch.Tensor:

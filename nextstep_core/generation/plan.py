@@ -1,15 +1,18 @@
 """One generation's settings resolved against a model and its prompts: what every per-token stepper reads.
 
-`sample` builds a `GenerationPlan` once; the eager loop (`generation.py`) and the fixed-shape step (`fast.py`) only
-read it, so a setting is never threaded through their signatures.
+`sample` builds a `GenerationPlan` once; the plain loop (`loop.py`) and the fixed-shape step (`graph.py`) only read
+it, so a setting is never threaded through their signatures.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from ..model.family import Family
 from .sampling import HeadPlan, cfg_at
 from .settings import SamplerSettings
+from .step import TokenSpec
 
 
 @dataclass
@@ -55,3 +58,19 @@ class GenerationPlan:
             self._heads[steps] = HeadPlan.build(model.image_head, self.family, steps, self.settings, model.device,
                                                 model.dtype)
         return self._heads[steps]
+
+    def token_spec(self, model, k: int) -> TokenSpec:
+        """What token k's step runs with (the head plan of its step count)."""
+        return TokenSpec(self.head_plan(model, self.steps_at(k)), self.branches, self.settings.use_norm)
+
+    def pos_rows(self, model, spare: int = 0) -> torch.Tensor | None:
+        """The gen_pos_embed row added to the condition that predicts each token [total + spare, hidden] (spare rows
+        are zero), or None when the model has no table. Token k of a w-wide grid reads the row its family says."""
+        table = model.gen_pos_embed
+        if table is None:
+            return None
+        side = model.config.base_image_grid_size
+        idx = torch.tensor([self.family.pos_embed_index(k, self.w, side) for k in range(self.total)],
+                           device=table.device)
+        rows = table[0].index_select(0, idx)
+        return torch.cat([rows, rows.new_zeros(spare, rows.shape[1])]).to(model.dtype)

@@ -115,6 +115,7 @@ class HeadPlan:
     loop: str = "fused"  # "plain" (per-step reference loop), "hoisted" or "fused": see the module docstring
     coef: StepCoefficients | None = None  # the fused loop's per-step coefficients (built when loop == "fused")
     compiled: bool = False  # the fused loop's head step through torch.compile (compile.py); only where it works
+    start: int = 0  # the first step evaluated: > 0 starts part-way from an init token (variation strength, denoise)
 
     def __post_init__(self):
         if self.loop not in HEAD_LOOPS:
@@ -128,7 +129,7 @@ class HeadPlan:
         grid_dev = grid.to(device)
         compiled = settings.compile_head and settings.head_loop == "fused" and head_compile_ok(head, device)
         return cls(grid, grid_dev, head.time_embeddings(grid_dev[:-1], dtype), settings.sampler, family,
-                   settings.head_loop, compiled=compiled)
+                   settings.head_loop, compiled=compiled, start=start_step(settings.denoise, len(grid) - 1))
 
     @property
     def draws(self) -> int:
@@ -144,22 +145,38 @@ class HeadPlan:
         return replace(self, compiled=False)
 
 
-def sample_token(head, c: torch.Tensor, noise: torch.Tensor, plan: HeadPlan, guidance: Guidance) -> torch.Tensor:
+def start_step(denoise: float, n_eval: int) -> int:
+    """The first of `n_eval` head steps a token with an init starts at, for variation strength `denoise`: 1 runs them
+    all (from pure noise), 0.5 the second half of the family's time grid, 0 none (the init as it is)."""
+    return min(n_eval, int(round((1.0 - denoise) * n_eval)))
+
+
+def start_point(noise: torch.Tensor, init: torch.Tensor | None, plan: HeadPlan) -> torch.Tensor:
+    """Where the flow starts: the token's first draw x0 (pure noise, t = 0), or, part-way, its init token mixed with
+    x0 at the grid's time t_start as flow matching defines the path: t init + (1 - t) x0."""
+    if plan.start == 0 or init is None:
+        return noise[0]
+    return torch.lerp(noise[0], init.to(noise.dtype), float(plan.grid[plan.start]))
+
+
+def sample_token(head, c: torch.Tensor, noise: torch.Tensor, plan: HeadPlan, guidance: Guidance,
+                 init: torch.Tensor | None = None) -> torch.Tensor:
     """Sample one token for each of B images.
 
     c: conditions of all guidance rows [branches*B, hidden] (model dtype); noise: [draws, B, D] fp32 on c's device.
-    The guidance scales may be device tensors. Returns the guided token [B, D] in float32.
+    The guidance scales may be device tensors. `init` [B, D]: the tokens a variation starts from (`plan.start > 0`).
+    Returns the guided token [B, D] in float32. The noise is read as a whole run reads it, whatever the start.
     """
     with expanded_weights(head, c.dtype):  # quantised head layers: dequantise once per token, not once per step
-        return _sample_token(head, c, noise, plan, guidance)
+        return _sample_token(head, c, noise, plan, guidance, init)
 
 
-def _sample_token(head, c, noise, plan: HeadPlan, guidance: Guidance):
+def _sample_token(head, c, noise, plan: HeadPlan, guidance: Guidance, init):
     if plan.loop == "fused":
-        return _fused_loop(head, c, noise, plan, guidance)
+        return _fused_loop(head, c, noise, plan, guidance, init)
     grid = plan.grid
     n_eval = len(grid) - 1  # number of head evaluations
-    x = noise[0].clone()
+    x = start_point(noise, init, plan).clone()
     if plan.loop == "hoisted":
         mods = head.modulations(plan.grid_dev[:n_eval], c, plan.temb)
         velocity = lambda i, xin: head.velocity_premod(xin, mods, i)  # noqa: E731
@@ -167,7 +184,7 @@ def _sample_token(head, c, noise, plan: HeadPlan, guidance: Guidance):
         velocity = lambda i, xin: head.velocity(xin, plan.grid_dev[i], c)  # noqa: E731
     rep = guidance.branches
     final_step = plan.family.final_step
-    for i in range(n_eval):
+    for i in range(plan.start, n_eval):
         v = guidance.combine(velocity(i, x.repeat(rep, 1) if rep > 1 else x))
         if final_step is not None and i == n_eval - 1:  # NextStep-1: a fixed deterministic last step
             x = x + v * final_step
@@ -177,7 +194,7 @@ def _sample_token(head, c, noise, plan: HeadPlan, guidance: Guidance):
     return x
 
 
-def _fused_loop(head, c, noise, plan: HeadPlan, guidance: Guidance):
+def _fused_loop(head, c, noise, plan: HeadPlan, guidance: Guidance, init):
     """The plain loop's arithmetic, reassociated: per step the head, then guidance and update in three ops."""
     coef = plan.coef
     n_eval = len(coef.a)
@@ -186,10 +203,10 @@ def _fused_loop(head, c, noise, plan: HeadPlan, guidance: Guidance):
     w = None if w is None else w.to(noise.device)
     # every noise term of the token scaled at once: c_i ξ_i (the draws after x0, in step order)
     scaled = noise[1:1 + len(coef.c_dev)] * coef.c_dev if coef.c_dev is not None else None
-    x = noise[0]
+    x = start_point(noise, init, plan)
     if plan.compiled and guidance.branches == 2:  # the scale as a tensor: a float would be baked into the graph
         w = torch.as_tensor(guidance.cfg, dtype=torch.float32, device=noise.device)
-    for i in range(n_eval):
+    for i in range(plan.start, n_eval):
         if plan.compiled:  # the step's slices of the modulations: the compiled step never sees the index
             v = guided_velocity(head, x, [m[i:i + 1] for m in mods], guidance.branches, w, True)
         else:

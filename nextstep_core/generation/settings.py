@@ -49,6 +49,7 @@ class SamplerSettings:
     fast: str = "auto"  # per-token path: auto, graph, static, eager
     head_loop: str = "fused"  # "fused" (fewest kernels), "hoisted" or "plain" (the per-step reference loop)
     compile_head: bool = False  # torch.compile the fused head step where it works (compile.py); never required
+    denoise: float = 1.0  # variation strength with an init: 1 generates anew, 0.5 starts half-way from the init, 0 keeps it
 
     def replace(self, **changes) -> "SamplerSettings":
         return replace(self, **changes)
@@ -77,6 +78,9 @@ class SamplerSettings:
         problems += _int_range("steps", self.steps, 1, MAX_STEPS)
         if self.steps_end is not None:
             problems += _int_range("steps_end", self.steps_end, 1, MAX_STEPS)
+        d = self.denoise
+        if not _is_real(d) or not math.isfinite(d) or not 0 <= d <= 1:
+            problems.append(f"denoise must be a number from 0 to 1 (1 = generate anew), got {d!r}")
         for name in ("cfg", "cfg_img", "timesteps_shift"):
             v = getattr(self, name)
             if not _is_real(v) or not math.isfinite(v) or v <= 0:
@@ -95,9 +99,6 @@ class SamplerSettings:
         if self.compile_head is True and self.head_loop != "fused":
             problems.append(f"compile_head compiles the fused head loop; use head loop 'fused' with it, not "
                             f"{self.head_loop!r}")
-        if self.steps_end is not None and self.fast in ("graph", "static"):
-            problems.append("step annealing (steps_end) changes the head's step count per token, which the "
-                            "fixed-shape fast path cannot; use fast 'auto' or 'eager' with it")
         if model_config is not None and model_config.use_gen_pos_embed and not problems:
             side = model_config.base_image_grid_size * step
             if self.width > side or self.height > side:
@@ -116,6 +117,22 @@ class SamplerSettings:
             elif _is_real(v) and not is_whole_number(v) and type(v) is not float:
                 changes[f.name] = float(v)
         return self.replace(**changes) if changes else self
+
+
+# What a captured per-token step bakes in (graph.py keys kept steps on these values): shapes and the head's time grid
+# and update rule. Every other field is read per call (noise, guidance scales and the step count per token go through
+# buffers; `fast` picks the path). Each field is in exactly one of the two sets, checked at import, so a new field
+# cannot be left out of the key by accident.
+GRAPH_BAKED = frozenset({"width", "height", "images_per_prompt", "steps", "timesteps_shift", "sampler", "use_norm",
+                         "head_loop", "compile_head", "denoise"})
+GRAPH_FREE = frozenset({"cfg", "cfg_img", "cfg_schedule", "steps_end", "seed", "noise", "fast"})
+if GRAPH_BAKED | GRAPH_FREE != {f.name for f in fields(SamplerSettings)} or GRAPH_BAKED & GRAPH_FREE:
+    raise AssertionError("every SamplerSettings field must be declared in exactly one of GRAPH_BAKED / GRAPH_FREE")
+
+
+def graph_baked(settings: SamplerSettings) -> tuple:
+    """The values of the fields a captured step bakes in, by name."""
+    return tuple((name, getattr(settings, name)) for name in sorted(GRAPH_BAKED))
 
 
 def is_whole_number(v) -> bool:

@@ -5,33 +5,33 @@ Parameter names are the published checkpoint keys (no `model.` prefix): `embed_t
 optional `gen_pos_embed` buffer. Layer classes come from `operations` (default `torch.nn`) so that a host such as
 ComfyUI can hand in its own memory-managed Linear/Embedding.
 
-Positions follow the reference exactly: the position of a token is its slot index in the cache, left padding
-included; padding only ever shows up in the attention mask.
+One forward for everything, as gpt-fast has it: `forward(x, pos, mask, length)` runs x [B, S, H] at cache slots
+`pos` [S]; each attention layer writes its own KV cache (`setup_caches`) and reads its first `length` slots under
+`mask` (`attention.py`). Positions follow the reference exactly: the position of a token is its slot index, left
+padding included; padding only ever shows up in the mask.
 
 Per-token speed is mostly the number of kernels a decode step launches, so after loading `fuse_projections()`
 merges q/k/v and gate/up into one matmul each (`merge.py`: the published keys are what the files keep; the merged
 layers are built once, of the same layer class, quantised ones before they are packed); RMSNorm is `F.rms_norm`,
 RoPE reads a cos/sin table and rotates q and k together in three ops, and a single query token attends to grouped
-K/V heads natively (`attention`).
+K/V heads natively (`attention.attention`).
 """
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .family import family_of
+from .attention import attention, use_backends
 from .head import FlowMatchingHead
+from .kv_cache import KVCache
 from .merge import PublishedKeys
 
 if TYPE_CHECKING:
     from ..weights.config import ModelConfig
-
-# SDPA reads grouped K/V natively from torch 2.5 on; older torch gets an explicit repeat.
-_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
-
 
 _HAS_RMS_NORM = hasattr(F, "rms_norm")  # torch >= 2.4
 
@@ -92,48 +92,6 @@ def rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(x * cos, swapped, sin_signed)
 
 
-class KVCache:
-    """Preallocated keys and values for every layer, plus which slots hold real (non-pad) tokens.
-
-    `update(layer, positions, k, v)` writes the new keys/values at their slots (one index write for prefill and
-    decode alike) and returns what attention reads: the slots up to `visible` — the filled ones on the plain path,
-    the whole cache on the fixed-shape path (`visible = None`), where a mask hides the slots not yet written.
-    """
-
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device):
-        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.real = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        self.slots = torch.arange(max_len, device=device)
-        self.bias_values = torch.tensor([0.0, float("-inf")], dtype=dtype, device=device)  # attend / hide
-        self.has_padding = False  # decided once at prefill, so decode steps never ask the device
-        self.max_len = max_len
-        self.length = 0  # slots filled by the plain path
-        self.visible: int | None = None  # slots attention reads; None = all (fixed shapes)
-
-    def reset(self):
-        """Empty again for a new prompt (the tensors stay where they are: a captured CUDA graph keeps reading them)."""
-        self.real.zero_()
-        self.has_padding = False
-        self.length = 0
-        self.visible = None
-
-    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """k, v [B, Hkv, S, D] go to slots `positions` [S] (a device tensor); returns the cache's k, v to attend."""
-        self.k[layer].index_copy_(2, positions, k)
-        self.v[layer].index_copy_(2, positions, v)
-        n = self.visible
-        if n is None:
-            return self.k[layer], self.v[layer]
-        return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
-
-    @staticmethod
-    def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, ops, backend: str = "sdpa"):
         super().__init__()
@@ -146,11 +104,12 @@ class Attention(nn.Module):
         self.o_proj = ops.Linear(self.n_heads * self.head_dim, h, bias=cfg.o_attention_bias)
         self.register_module("qkv_proj", None)  # q, k and v as one layer, once `fuse` has run
         self.published = PublishedKeys(self, "qkv_proj", ("q_proj", "k_proj", "v_proj"))
+        self.kv_cache: KVCache | None = None  # set by NextStep.setup_caches; a plain object, not a buffer
 
     def fuse(self) -> bool:
         return self.published.fuse()
 
-    def forward(self, x, rope_rows, cache: KVCache, layer: int, positions: torch.Tensor, mask):
+    def forward(self, x, rope_rows, pos: torch.Tensor, mask, length: int):
         b, s, _ = x.shape
         hq, hkv, d = self.n_heads, self.n_kv, self.head_dim
         if self.qkv_proj is not None:
@@ -162,29 +121,9 @@ class Attention(nn.Module):
             q = rope(self.q_proj(x).view(b, s, hq, d), rope_rows)
             k = rope(self.k_proj(x).view(b, s, hkv, d), rope_rows)
             v = self.v_proj(x).view(b, s, hkv, d)
-        k, v = cache.update(layer, positions, k.transpose(1, 2), v.transpose(1, 2))
-        out = attention(q.transpose(1, 2), k, v, mask, self.backend)
+        k, v = self.kv_cache.update(pos, k.transpose(1, 2), v.transpose(1, 2))
+        out = attention(q.transpose(1, 2).contiguous(), k[:, :, :length], v[:, :, :length], mask, self.backend)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
-
-
-def attention(q, k, v, mask, backend: str):
-    """q [B,Hq,S,D], k/v [B,Hkv,L,D], mask [B,1,S,L] bool (True = attend) or None for "attend to all"."""
-    if backend == "flash" and mask is None and q.is_cuda:
-        from flash_attn import flash_attn_func  # optional; loader checked it imports
-
-        return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-    if k.shape[1] != q.shape[1] and q.shape[2] == 1:
-        # one query token: the heads of a K/V group become the query rows of that group, so attention is plain
-        # (no repeat, no enable_gqa) and can take the flash / memory-efficient / cuDNN kernels
-        b, hq, _, d = q.shape
-        out = F.scaled_dot_product_attention(q.reshape(b, k.shape[1], hq // k.shape[1], d), k, v, attn_mask=mask)
-        return out.reshape(b, hq, 1, d)
-    if k.shape[1] != q.shape[1]:
-        if _SDPA_HAS_GQA and q.device.type != "mps":  # MPS kernels have lagged behind on enable_gqa: repeat there
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        rep = q.shape[1] // k.shape[1]  # torch < 2.5: no native GQA in SDPA
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class MLP(nn.Module):
@@ -215,8 +154,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, rope_rows, cache, layer, positions, mask):
-        x = x + self.self_attn(self.input_layernorm(x), rope_rows, cache, layer, positions, mask)
+    def forward(self, x, rope_rows, pos, mask, length):
+        x = x + self.self_attn(self.input_layernorm(x), rope_rows, pos, mask, length)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -231,13 +170,35 @@ def sincos_2d_table(dim: int, grid: int) -> torch.Tensor:
     return torch.cat([one_axis(dim // 2, cols), one_axis(dim // 2, rows)], dim=1).float()
 
 
+@functools.lru_cache(maxsize=None)
+def host_pinned(base: type) -> type:
+    """`base` (an Embedding class, the host's own included) whose weights follow dtype casts but never leave the host:
+    moves of the whole model and a host's per-module moves (ComfyUI loads module by module) alike. What a move's
+    `fn` does is read off a one-element probe tensor."""
+
+    class HostPinned(base):
+        def _apply(self, fn, recurse=True):
+            w = next((t for t in self.parameters(recurse=False) if t.is_floating_point()), None)
+            if w is None or w.device.type == "meta":  # built on meta: materialised wherever the loader puts it
+                return super()._apply(fn, recurse)
+            target = fn(torch.zeros(1, dtype=w.dtype)).dtype
+            return super()._apply(lambda t: t.to(target) if t.is_floating_point() else t, recurse)
+
+    HostPinned.__name__ = f"HostPinned{base.__name__}"
+    return HostPinned
+
+
 class NextStep(nn.Module):
+    # Kept on the host whatever device the model moves to: the token-embedding table (1.56 GB at the real size) is
+    # read once per generation, for the prompt, and only the embedded prompt goes to the device.
+    HOST_MODULES = ("embed_tokens",)
+
     def __init__(self, cfg: ModelConfig, operations=None, attn_backend: str = "sdpa", with_lm_head: bool = False):
         super().__init__()
         ops = operations or nn  # a host (ComfyUI) may hand in its own Linear / Embedding / LayerNorm classes
         self.config = cfg
         self.attn_backend = attn_backend
-        self.embed_tokens = ops.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = host_pinned(ops.Embedding)(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, ops, attn_backend) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = ops.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if with_lm_head else None
@@ -256,7 +217,8 @@ class NextStep(nn.Module):
         self.source_path = ""
         self.unexpected_keys: list[str] = []
         self.quant: str | None = None  # weight format when quantised: "fp8", "int8", ...
-        self.step_cache = None  # the fast path's captured per-token step, kept between calls (fast.StepCache)
+        self.step_cache = None  # the fixed-shape per-token step, kept between calls (generation/graph.py)
+        self.broken_steps: dict = {}  # keys whose fixed step was found wrong, and why (generation/graph.py)
         self._rope: torch.Tensor | None = None  # `rope_table` rows, grown on demand
 
     def fuse_projections(self) -> int:
@@ -265,14 +227,16 @@ class NextStep(nn.Module):
         return sum(int(layer.self_attn.fuse()) + int(layer.mlp.fuse()) for layer in self.layers)
 
     def release_step_cache(self) -> None:
-        """Free the kept fast-path step (its CUDA graph, static buffers and KV cache)."""
+        """Free the kept fixed-shape step (its CUDA graphs, static buffers and KV caches)."""
         self.step_cache = None
+        self.install_caches(None)
 
     def rope_rows(self, length: int, dtype: torch.dtype, device) -> torch.Tensor:
         """The RoPE table for positions 0..length-1 at least (built in float32 and cast, as `rope_cos_sin`)."""
         t = self._rope
         if t is None or t.shape[0] < length or t.dtype != dtype or t.device != torch.device(device):
-            self.step_cache = None  # a kept CUDA graph reads the old table
+            if t is not None:
+                self.step_cache = None  # a kept CUDA graph reads the old table
             n = max(length, 4096 if t is None else 2 * t.shape[0])
             self._rope = t = rope_table(n, self.config.head_dim, self.config.rope_theta, dtype, device)
         return t
@@ -286,69 +250,43 @@ class NextStep(nn.Module):
     def device(self) -> torch.device:
         return self.norm.weight.device
 
-    def new_cache(self, batch: int, max_len: int, dtype=None, device=None) -> KVCache:
-        return KVCache(self.config, batch, max_len, dtype or self.dtype, device or self.device)
+    def setup_caches(self, batch: int, max_len: int, dtype=None, device=None) -> list[KVCache]:
+        """Give every attention layer an empty KV cache of `max_len` slots for `batch` rows; returns them."""
+        cfg = self.config
+        caches = [KVCache(batch, cfg.num_key_value_heads, max_len, cfg.head_dim, dtype or self.dtype,
+                          device or self.device) for _ in self.layers]
+        self.install_caches(caches)
+        return caches
 
-    def forward_embeds(self, x: torch.Tensor, cache: KVCache, real: torch.Tensor | None = None) -> torch.Tensor:
-        """Run `x` [B,S,H] at the next S cache slots; returns the final-normed hidden states [B,S,H].
-
-        `real` [B,S] marks non-pad tokens (default: all real). Prefill (S > 1) is causal; pad queries attend only
-        to themselves, which keeps them finite and invisible to every real token.
-        """
-        b, s, _ = x.shape
-        start, end = cache.length, cache.length + s
-        if end > cache.max_len:
-            raise RuntimeError(f"KV cache overflow: {end} > {cache.max_len} slots")
-        cache.real[:, start:end] = True if real is None else real
-        if real is not None and s > 1:
-            cache.has_padding = cache.has_padding or not bool(real.all())
-        pos = torch.arange(start, end, device=x.device)
-        table = self.rope_rows(cache.max_len, x.dtype, x.device)[start:end]
-        mask = self._mask(cache, start, end, s)
-        cache.visible = end
+    def install_caches(self, caches: list[KVCache] | None) -> None:
+        """Hand each layer its cache again (a kept fixed-shape step's), or none (frees the memory after a call)."""
         for i, layer in enumerate(self.layers):
-            x = layer(x, table, cache, i, pos, mask)
-        cache.length = end
+            layer.self_attn.kv_cache = None if caches is None else caches[i]
+
+    @property
+    def group(self) -> int:
+        """Query heads per K/V head: a single query token attends as this many rows per K/V head."""
+        return self.config.num_attention_heads // self.config.num_key_value_heads
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, length: int) -> torch.Tensor:
+        """x [B, S, H] at cache slots `pos` [S] (a device tensor); attention reads the first `length` slots of every
+        layer's cache under `mask` (`attention.prefill_mask` / `decode_mask`; None: all of them). Returns the
+        final-normed hidden states [B, S, H]."""
+        table = self.rope_rows(length, x.dtype, x.device).index_select(0, pos)
+        with use_backends(x.device, x.dtype, self.config.head_dim):
+            for layer in self.layers:
+                x = layer(x, table, pos, mask, length)
         return self.norm(x)
-
-    def forward_static(self, x: torch.Tensor, cache: KVCache, pos: torch.Tensor) -> torch.Tensor:
-        """One decode step [B,1,H] at the slot held in the device tensor `pos` [1], with fixed shapes throughout.
-
-        Attention reads the whole preallocated cache under a mask of the slots that are real and already written,
-        so nothing here depends on a host-side length: the step can be captured in a CUDA graph and replayed. The
-        mask is additive (0 / -inf), built once for all layers, so no attention kernel converts it again.
-        """
-        table = self.rope_rows(cache.max_len, x.dtype, x.device).index_select(0, pos)
-        visible = cache.real & (cache.slots <= pos)[None, :]
-        mask = torch.where(visible, cache.bias_values[0], cache.bias_values[1])[:, None, None, :]
-        cache.visible = None
-        for i, layer in enumerate(self.layers):
-            x = layer(x, table, cache, i, pos, mask)
-        return self.norm(x)
-
-    def _mask(self, cache: KVCache, start: int, end: int, s: int):
-        keys_real = cache.real[:, :end]
-        if s == 1:  # a decode step attends to every filled slot but the pads: a view, nothing rebuilt
-            return keys_real[:, None, None, :] if cache.has_padding else None
-        key_idx = torch.arange(end, device=keys_real.device)
-        query_idx = torch.arange(start, end, device=keys_real.device)
-        causal = key_idx[None, :] <= query_idx[:, None]
-        own = key_idx[None, :] == query_idx[:, None]
-        return ((causal[None] & keys_real[:, None, :]) | own[None])[:, None]
 
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(ids)
-
-    def pos_embed_for(self, k: int, h: int, w: int) -> torch.Tensor | None:
-        """The gen_pos_embed row added to the condition that predicts token k (k = 0 at the prefix)."""
-        if self.gen_pos_embed is None or k >= h * w:
-            return None
-        return self.gen_pos_embed[0, family_of(self.config).pos_embed_index(k, w, self.config.base_image_grid_size)]
+        """Prompt ids [B, S] -> embeddings [B, S, H] on the model's device (the table stays on the host)."""
+        table = self.embed_tokens.weight
+        return self.embed_tokens(ids.to(table.device)).to(self.device)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
             raise RuntimeError("This model was loaded without its LM head; load it with load_lm_head=True.")
-        return self.lm_head(hidden)
+        return self.lm_head(hidden.to(self.lm_head.weight.device))  # a head tied to the table is on the host
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

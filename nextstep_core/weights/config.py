@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..errors import CheckpointError
+from ..fs import fs_error
 from ..model.family import FAMILIES, FAMILY_V1, FAMILY_V1_1  # noqa: F401  (re-exported: ns.FAMILIES etc.)
 from .identify import AUTO, MODEL, V11_MODEL_TYPE, VAE, FamilyChoice, kind_of_config, resolve_family, wrong_kind
 
@@ -161,7 +162,9 @@ def read_json(path: str) -> dict:
             return json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing.") from None
-    except json.JSONDecodeError as e:
+    except OSError as e:  # permission, a link loop, a folder by that name: the file system's fault, said as such
+        raise fs_error("read", path, e, CheckpointError) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); re-download it.") from None
 
 

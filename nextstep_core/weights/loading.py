@@ -3,7 +3,9 @@
 Accepted model inputs:
 - a folder in the official Hugging Face layout: `config.json`, `model.safetensors` or shards with
   `model.safetensors.index.json`, `tokenizer.json` (+ `tokenizer_config.json`), optionally `vae/`;
-- one `.safetensors` file whose metadata carries the config and tokenizer (written by `convert`).
+- one `.safetensors` file whose metadata carries the config and tokenizer (written by `convert`);
+- a folder quantised by AutoRound / GPTQ (4-bit, `quantization_config` in config.json): read through `gptq.py`,
+  its packed linears arriving in our int4 file layout.
 Accepted VAE inputs: a folder with `config.json` + `checkpoint.pt` (or `*.safetensors`), or one `.safetensors`
 file with the config in its metadata.
 
@@ -24,7 +26,9 @@ import torch
 from torch import nn
 
 from .config import ModelConfig, model_config_from_dict, read_json, vae_config_from_dict
+from .gptq import PackedCheckpoint, packed_format, packed_layers
 from ..errors import CheckpointError, NextStepError
+from ..fs import fs_error, is_file, list_folder
 from .identify import AUTO, MODEL, VAE, kind_of_config, kind_of_safetensors, wrong_kind
 
 log = logging.getLogger("nextstep")
@@ -66,6 +70,8 @@ class Source:
     shapes: dict  # key -> tuple
     dtypes: dict  # key -> str
     metadata: dict = field(default_factory=dict)
+    packed: object = None  # gptq.PackedCheckpoint of an AutoRound / GPTQ folder (its keys are then a view)
+    reader: object = None  # reads every key of such a view by name; None: each key from its own file
 
     @property
     def files(self) -> list[str]:
@@ -73,21 +79,17 @@ class Source:
 
 
 def _read_header(path: str):
-    from safetensors import safe_open
+    from .st_io import read_header
 
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path} is missing. Download every shard listed in model.safetensors.index.json.")
     try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            shapes, dtypes = {}, {}
-            for k in f.keys():
-                sl = f.get_slice(k)
-                shapes[k], dtypes[k] = tuple(sl.get_shape()), sl.get_dtype()
-    except Exception as e:  # safetensors raises its own error types for truncated / corrupt files
-        raise CheckpointError(f"{path} cannot be read as safetensors ({e}). The file is truncated or corrupt: "
-                              "download it again.") from None
-    return meta, shapes, dtypes
+        meta, entries, _ = read_header(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing. Download every shard listed in model.safetensors.index.json.") \
+            from None
+    except OSError as e:  # the file system's fault (permission, a link loop, a folder): never "download it again"
+        raise fs_error("read", path, e, CheckpointError) from None
+    shapes = {k: tuple(e["shape"]) for k, e in entries.items()}
+    return meta, shapes, {k: e["dtype"] for k, e in entries.items()}
 
 
 def scan_safetensors(files: list[str], path: str, kind: str) -> Source:
@@ -111,7 +113,7 @@ def model_source(path: str) -> tuple[Source, dict]:
             raise wrong_kind(path, MODEL, VAE)
         model_config_from_dict(raw, os.path.join(path, "config.json"), path)
         index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.isfile(index):
+        if is_file(index, CheckpointError):
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index} has no weight_map; download it again.")
@@ -122,11 +124,15 @@ def model_source(path: str) -> tuple[Source, dict]:
                 raise CheckpointError(f"{weight_map[missing[0]]} lacks {len(missing)} tensor(s) the index lists "
                                       f"(e.g. {missing[0]}): the shard is from another download; fetch it again.")
         else:
-            files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+            files = sorted(os.path.join(path, f) for f in list_folder(path, CheckpointError)
+                           if f.endswith(".safetensors"))
             if not files:
                 raise CheckpointError(f"{path} has config.json but no model*.safetensors weights. Download the "
                                       "model's safetensors shards into this folder.")
             src = scan_safetensors(files, path, "folder")
+        fmt = packed_format(raw, os.path.join(path, "config.json"))
+        if fmt is not None:  # AutoRound / GPTQ: the packed linears as our int4 layout
+            src = PackedCheckpoint(src, fmt, packed_layers(src.shapes, fmt, path)).view()
         return src, raw
     if os.path.isfile(path) and path.endswith((".safetensors", ".sft")):
         src = scan_safetensors([path], path, "file")
@@ -136,7 +142,7 @@ def model_source(path: str) -> tuple[Source, dict]:
             raise CheckpointError(f"{path} carries no NextStep config in its metadata. Single-file models must be "
                                   "written by `python -m nextstep_core convert`; or load the original model folder.")
         return src, json.loads(src.metadata[META_CONFIG])
-    if os.path.isfile(path):
+    if is_file(path, CheckpointError):  # a fault on the path (permission, a link loop) is named here
         raise CheckpointError(f"{path}: expected a model folder (with config.json) or a .safetensors file.")
     raise CheckpointError(f"{path} does not exist.")
 
@@ -144,7 +150,7 @@ def model_source(path: str) -> tuple[Source, dict]:
 def find_vae_for_model(model_path: str) -> str | None:
     """The `vae/` folder shipped inside a model folder, if there is one with a config."""
     cand = os.path.join(os.path.abspath(model_path), "vae")
-    return cand if os.path.isfile(os.path.join(cand, "config.json")) else None
+    return cand if is_file(os.path.join(cand, "config.json"), CheckpointError) else None  # unreadable: said so
 
 
 def set_tensor(module: nn.Module, key: str, value: torch.Tensor) -> None:
@@ -169,7 +175,7 @@ def stream_into(module: nn.Module, src: Source, keys: list[str], dtype: torch.dt
     for k in keys:
         fpath = src.key_files[k]
         try:
-            reader = readers.get(fpath) or readers.setdefault(fpath, TensorReader(fpath))
+            reader = src.reader or readers.get(fpath) or readers.setdefault(fpath, TensorReader(fpath))
             t = reader.get(k)
         except CheckpointError:
             raise
@@ -183,7 +189,8 @@ def stream_into(module: nn.Module, src: Source, keys: list[str], dtype: torch.dt
             continue
         if t.is_floating_point() and not keep_dtype(k, t):
             t = t.to(dtype)
-        set_tensor(module, k, t.to(device))
+        host = k.split(".", 1)[0] in getattr(module, "HOST_MODULES", ())  # the model keeps these on the host
+        set_tensor(module, k, t if host else t.to(device))
         del t
 
 
@@ -204,6 +211,18 @@ def check_keys(expected: dict, src: Source, what: str, optional=()) -> list[str]
 
 def expected_shapes(module: nn.Module) -> dict:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def stored_layout(expected: dict, src: Source, quant: str | None) -> dict:
+    """{key: shape} of a module's tensors as `src` holds them: our format's rule for `quant`, and int4 (two codes per
+    byte) for every layer whose `weight_zero` the source holds (an AutoRound / GPTQ folder decides layer by layer)."""
+    from .quant import stored_shapes
+
+    shapes = dict(stored_shapes(expected, None if src.packed is not None else quant))
+    for k, s in expected.items():
+        if k.endswith(".weight") and k[: -len("weight")] + "weight_zero" in src.shapes:
+            shapes[k] = (s[0], s[1] // 2)
+    return shapes
 
 
 def load_vae(path: str, dtype="float32", device=None, operations=None):
@@ -241,17 +260,17 @@ def _vae_files(path: str):
     """(config, in-memory state or None, Source or None) for a VAE path."""
     if os.path.isdir(path):
         cfg_path = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_path):
+        if not is_file(cfg_path, CheckpointError):
             raise CheckpointError(f"{path}: no config.json. A NextStep VAE folder holds config.json + checkpoint.pt.")
         raw = read_json(cfg_path)
         if kind_of_config(raw) == MODEL:
             raise wrong_kind(path, VAE, MODEL)
         cfg = vae_config_from_dict(raw, cfg_path)
         pt = os.path.join(path, "checkpoint.pt")
-        sts = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+        sts = sorted(os.path.join(path, f) for f in list_folder(path, CheckpointError) if f.endswith(".safetensors"))
         if sts:
             return cfg, None, scan_safetensors(sts, path, "folder")
-        if os.path.isfile(pt):
+        if is_file(pt, CheckpointError):
             return cfg, _torch_load(pt), None
         raise CheckpointError(f"{path}: no checkpoint.pt or .safetensors weights next to config.json.")
     if os.path.isfile(path) and path.endswith(".pt"):
@@ -263,10 +282,11 @@ def _vae_files(path: str):
         if META_VAE_CONFIG in src.metadata:
             return vae_config_from_dict(json.loads(src.metadata[META_VAE_CONFIG]), path), None, src
         beside = os.path.join(os.path.dirname(path), "config.json")
-        if os.path.isfile(beside):
+        if is_file(beside, CheckpointError):
             return vae_config_from_dict(read_json(beside), beside), None, src
         raise CheckpointError(f"{path} has no VAE config (neither in its metadata nor a config.json beside it). "
                               "Use the f8ch16 tokenizer folder, or a file written by `python -m nextstep_core convert`.")
+    is_file(path, CheckpointError)  # a fault on the path (permission, a link loop) is named as itself
     raise CheckpointError(f"{path} does not exist or is not a VAE folder/file.")
 
 
@@ -281,6 +301,8 @@ def _torch_load(path: str) -> dict:
                               "repository; for a checkpoint of your own, save only its state_dict of tensors, or "
                               "save it as .safetensors.") from None
     except Exception as e:
+        if isinstance(e, OSError) and e.errno is not None:  # the file system's fault, not the file's contents
+            raise fs_error("read", path, e, CheckpointError) from None
         raise CheckpointError(f"{path} cannot be read ({str(e).splitlines()[0]}); it is truncated, corrupt or not a "
                               "weights-only checkpoint. Download it again.") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -328,7 +350,7 @@ def load_model(path: str, dtype="bfloat16", device=None, operations=None, attn_b
     """
     from .cpu_pack import pack_linears
     from ..model.decoder import NextStep
-    from .quant import QUANT_FORMATS, QUANT_SUFFIXES, prepare_quantized, quantized_operations, stored_shapes
+    from .quant import QUANT_FORMATS, QUANT_SUFFIXES, prepare_quantized, quantized_operations
 
     cfg, src = read_model_config(path, family)
     dtype, device = parse_dtype(dtype), torch.device(device or "cpu")
@@ -346,6 +368,8 @@ def load_model(path: str, dtype="bfloat16", device=None, operations=None, attn_b
     tok = load_tokenizer(src)
     tok.check_against(cfg, src.path)
     quant = src.metadata.get("nextstep_quant")
+    if src.packed is not None:
+        src.packed.check_loadable()
     if quantize is not None and quant is not None and quantize != quant:
         raise NextStepError(f"{src.path} is already quantised as {quant}; it cannot be loaded as {quantize}.")
     if quantize is not None and quantize not in QUANT_FORMATS:
@@ -359,7 +383,7 @@ def load_model(path: str, dtype="bfloat16", device=None, operations=None, attn_b
     with torch.device("meta"):
         model = NextStep(cfg, ops, attn_backend, with_lm_head=load_lm_head)
     expected = expected_shapes(model)
-    expected = stored_shapes(expected, None if quantize else quant)  # int4 files: two codes per byte
+    expected = stored_layout(expected, src, None if quantize else quant)  # int4: two codes per byte
     optional = {"gen_pos_embed"} | ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
     unexpected = check_keys(expected, src, "model", optional)
     unexpected = [k for k in unexpected if not k.startswith(_SKIPPABLE) and not k.endswith("rotary_emb.inv_freq")

@@ -325,6 +325,15 @@ def prepare_quantized(model: nn.Module, dtype: torch.dtype) -> dict:
     return counts
 
 
+def use_reference_kernels(model: nn.Module) -> None:
+    """Every quantised layer dequantises instead (codes cast, one matmul, the scale on the output): the reference
+    the packed kernels are measured against (`doctor`). A later device move chooses the kernels again."""
+    for m in model.modules():
+        if hasattr(m, "prepare") and getattr(m, "weight_scale", None) is not None:
+            m._unpack()
+            m.kernel = "dequant"
+
+
 class expanded_weights:
     """Within the block, quantised layers of `module` that dequantise per call reuse one expanded copy instead.
 

@@ -100,18 +100,6 @@ def test_offline_repo_id_gives_download_advice(tmp_path):
 
 # --- every input is checked before any weight is read -------------------------------------------------------------
 
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Fails the test if a model or VAE starts loading: bad input must be refused before that."""
-    from nextstep_core.weights import loading
-
-    def refuse(*a, **k):
-        raise AssertionError("weights were read before the input was checked")
-
-    monkeypatch.setattr(loading, "load_model", refuse)
-    monkeypatch.setattr(loading, "load_vae", refuse)
-
-
 def run_main(capsys, *argv) -> tuple[int, str, str]:
     from nextstep_core.frontend.cli import main
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import nextstep_core as ns
-import nextstep_core.generation.loop as G
+import nextstep_core.generation.step as G
 from nextstep_core import Conditioning, NextStepError, SamplerSettings, TokenInit, keep_from_mask, keep_rows, sample
 
 # 64x48 pixels: a 3-row x 4-column token grid
@@ -73,8 +73,8 @@ def test_nothing_runs_after_the_last_regenerated_token(tiny_model, monkeypatch):
     keep[5] = False
     calls = count_head_calls(monkeypatch)
     steps = []
-    real = tiny_model.forward_embeds
-    monkeypatch.setattr(tiny_model, "forward_embeds", lambda *a, **k: steps.append(1) or real(*a, **k))
+    real = tiny_model.forward
+    monkeypatch.setattr(tiny_model, "forward", lambda *a, **k: steps.append(1) or real(*a, **k))
     res = sample(tiny_model, Conditioning(["a cat"]), BASE, init=TokenInit(full.tokens, keep))
     assert torch.equal(res.tokens, full.tokens)
     assert len(calls) == 1 and len(steps) == 1 + 6  # the prefill, then tokens 0..5 fed back

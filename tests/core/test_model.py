@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from nextstep_core.model.decoder import KVCache, NextStep, rope_cos_sin
+from nextstep_core.model.attention import decode_mask, prefill_mask
+from nextstep_core.model.decoder import NextStep, rope_cos_sin
+from nextstep_core.model.kv_cache import KVCache
 from nextstep_core.weights.testing import random_model_state, tiny_config
 
 
@@ -13,19 +15,49 @@ def _model(**over):
     return m
 
 
+def prefill(m, x, real=None, slots=None):
+    """x [B, S, H] at slots 0..S-1 of fresh caches (of `slots` slots, default S), as the loop's prefill runs it."""
+    b, n, _ = x.shape
+    m.setup_caches(b, slots or n)
+    real = torch.ones(b, n, dtype=torch.bool) if real is None else real
+    return m(x, torch.arange(n), prefill_mask(real, x.dtype), n)
+
+
+def decode(m, x, p, start=None, length=None):
+    """One token x [B, 1, H] at slot p, attending over `length` slots (default p + 1) from each row's `start`."""
+    start = torch.zeros(x.shape[0], dtype=torch.long) if start is None else start
+    pos = torch.tensor([p])
+    length = length or p + 1
+    return m(x, pos, decode_mask(start, pos, length, x.dtype, m.group), length)
+
+
 def test_decode_with_cache_equals_full_forward():
     torch.manual_seed(0)
     m = _model()
     x = torch.randn(2, 12, m.config.hidden_size)
-    full = m.forward_embeds(x, m.new_cache(2, 12))
-    cache = m.new_cache(2, 12)
-    steps = [m.forward_embeds(x[:, :5], cache)]
+    full = prefill(m, x)
+    steps = [prefill(m, x[:, :5], slots=12)]
     for i in range(5, 12):
-        steps.append(m.forward_embeds(x[:, i:i + 1], cache))
+        steps.append(decode(m, x[:, i:i + 1], i))
     cached = torch.cat(steps, dim=1)
-    assert cache.length == 12
     rel = (cached - full).norm() / full.norm()
     assert rel < 1e-5, rel
+
+
+def test_the_whole_cache_under_a_mask_equals_the_filled_slots():
+    """The fixed-shape path attends over every slot with the unwritten ones masked: the same result."""
+    torch.manual_seed(6)
+    m = _model()
+    x = torch.randn(2, 9, m.config.hidden_size)
+    real = torch.ones(2, 9, dtype=torch.bool)
+    real[1, :3] = False
+    start = (~real).sum(1)
+    prefill(m, x[:, :8], real[:, :8], slots=32)
+    m.layers[0].self_attn.kv_cache.k[:, :, 9:] = 1e4  # stale slots from an earlier, longer generation
+    a = decode(m, x[:, 8:], 8, start)
+    prefill(m, x[:, :8], real[:, :8], slots=32)
+    b = decode(m, x[:, 8:], 8, start, length=32)
+    assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_left_padding_does_not_reach_real_tokens():
@@ -34,19 +66,17 @@ def test_left_padding_does_not_reach_real_tokens():
     x = torch.randn(1, 10, m.config.hidden_size)
     real = torch.ones(1, 10, dtype=torch.bool)
     real[:, :3] = False
-    a = m.forward_embeds(x, m.new_cache(1, 11), real)
+    start = torch.tensor([3])
+    a = prefill(m, x, real, slots=11)
+    nxt = torch.randn(1, 1, m.config.hidden_size)
+    c_a = decode(m, nxt, 10, start)
     x2 = x.clone()
     x2[:, :3] = torch.randn(1, 3, m.config.hidden_size) * 5  # different pad embeddings
-    cache = m.new_cache(1, 11)
-    b = m.forward_embeds(x2, cache, real)
+    b = prefill(m, x2, real, slots=11)
     assert torch.isfinite(b).all()
     assert torch.allclose(a[:, 3:], b[:, 3:], atol=1e-6)
     # and a decode step after the padded prefill sees no pad either
-    nxt = torch.randn(1, 1, m.config.hidden_size)
-    c1 = m.forward_embeds(nxt, cache)
-    cache_a = m.new_cache(1, 11)
-    m.forward_embeds(x, cache_a, real)
-    assert torch.allclose(c1, m.forward_embeds(nxt, cache_a), atol=1e-6)
+    assert torch.allclose(c_a, decode(m, nxt, 10, start), atol=1e-6)
 
 
 def test_positions_are_slot_indices_and_rope_makes_padding_harmless():
@@ -54,12 +84,10 @@ def test_positions_are_slot_indices_and_rope_makes_padding_harmless():
     torch.manual_seed(2)
     m = _model()
     x = torch.randn(1, 6, m.config.hidden_size)
-    plain = m.forward_embeds(x, m.new_cache(1, 6))
+    plain = prefill(m, x)
     padded_x = torch.cat([torch.zeros(1, 2, m.config.hidden_size), x], dim=1)
     real = torch.tensor([[False, False] + [True] * 6])
-    cache = m.new_cache(1, 8)
-    shifted = m.forward_embeds(padded_x, cache, real)[:, 2:]
-    assert cache.length == 8
+    shifted = prefill(m, padded_x, real)[:, 2:]
     assert torch.allclose(plain, shifted, atol=1e-5)
 
 
@@ -71,7 +99,7 @@ def test_rope_is_rotate_half_with_float32_angles():
 
 
 def test_grouped_query_attention_matches_repeated_heads():
-    from nextstep_core.model.decoder import attention
+    from nextstep_core.model.attention import attention
 
     torch.manual_seed(4)
     q, k, v = torch.randn(2, 8, 3, 16), torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)
@@ -111,8 +139,8 @@ def test_merged_projections_equal_the_separate_ones():
     x = torch.randn(2, 7, merged.config.hidden_size)
     real = torch.ones(2, 7, dtype=torch.bool)
     real[0, :2] = False
-    a = separate.forward_embeds(x, separate.new_cache(2, 9), real)
-    b = merged.forward_embeds(x, merged.new_cache(2, 9), real)
+    a = prefill(separate, x, real)
+    b = prefill(merged, x, real)
     assert torch.allclose(a, b, atol=1e-5)
     # the published keys stay: state_dict splits the merged layers back, load_state_dict takes the parts
     published = separate.state_dict()
@@ -158,7 +186,7 @@ def test_table_rope_equals_rotate_half():
 @pytest.mark.parametrize("masked", [False, True])
 def test_single_token_grouped_attention_equals_repeated_heads(masked):
     """One query token: the group's heads become query rows against their K/V head (no repeat, no math fallback)."""
-    from nextstep_core.model.decoder import attention
+    from nextstep_core.model.attention import attention
 
     torch.manual_seed(8)
     q, k, v = torch.randn(3, 8, 1, 16), torch.randn(3, 2, 11, 16), torch.randn(3, 2, 11, 16)

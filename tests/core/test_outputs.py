@@ -32,7 +32,7 @@ def _umask() -> int:
 def test_image_paths_formats_and_numbering(tmp_path):
     assert image_outputs(str(tmp_path / "a.png"), 1) == [(str(tmp_path / "a.png"), "PNG")]
     assert image_outputs(str(tmp_path / "sub" / "a"), 1) == [(str(tmp_path / "sub" / "a.png"), "PNG")]
-    assert os.path.isdir(tmp_path / "sub")  # created up front, so a later failure cannot be about the folder
+    assert not os.path.exists(tmp_path / "sub")  # probed, not created: a command that fails later leaves no folder
     assert image_outputs(str(tmp_path / "b.JPG"), 2) == [(str(tmp_path / f"b_{i:03d}.JPG"), "JPEG") for i in (0, 1)]
     assert image_outputs(str(tmp_path / "c.webp"), 1)[0][1] == "WEBP"
 

@@ -14,7 +14,8 @@ def node(pack, name):
 def test_registration_metadata(pack):
     mappings = pack[0].NODE_CLASS_MAPPINGS
     assert set(mappings) == {"NextStepModelLoader", "NextStepVAELoader", "NextStepTextEncode", "NextStepEditEncode",
-                             "NextStepSampler", "NextStepVAEDecode", "NextStepVAEEncode", "NextStepKeepRows"}
+                             "NextStepSampler", "NextStepVAEDecode", "NextStepVAEEncode", "NextStepKeepRows",
+                             "NextStepSaveModel"}
     assert set(pack[0].NODE_DISPLAY_NAME_MAPPINGS) == set(mappings)
     for cls in mappings.values():
         assert cls.CATEGORY == "NextStep" and cls.DESCRIPTION
