@@ -86,8 +86,8 @@ def auto_dtype(device) -> torch.dtype:
     """The dtype `auto` picks on `device`: bf16 where the device has bf16 arithmetic, else float32.
 
     - CPU: bf16 only with native bf16 instructions (`cpu_has_native_bf16`). Measured side by side
-      (`bench/bench_dtype.py`, bench/RESULTS.md): without them, bf16 decode-step matmuls at the real geometry took
-      1.2-2.7x the fp32 time and the VAE's convolutions about 150x, while with AVX512-BF16 bf16 generated 2x faster.
+      (`bench/bench_dtype.py`, bench/RESULTS.md): on an AVX2-only CPU a bf16 decoder layer at the real geometry took
+      1.3-1.4x the fp32 time and the VAE's convolutions 19-60x; with AVX512-BF16, bf16 generated 2x faster.
     - CUDA: bf16 on GPUs with bf16 tensor cores (compute capability 8.0+; ROCm: where torch says it has bf16).
     - MPS and other GPUs: bf16 where the device computes it.
     fp16 is never picked: Qwen-style activations overflow it. The command line's `--dtype auto` and the ComfyUI
