@@ -17,6 +17,8 @@ import comfy.model_patcher
 import comfy.ops
 import comfy.utils
 
+from ..nextstep_core.frontend.devices import auto_dtype
+
 PREVIEW_FRAMES = 32  # previews per image: about one per row of tokens at square sizes, cheap next to a token
 
 
@@ -74,9 +76,11 @@ def operations_for(weight_dtype: torch.dtype, compute_dtype: torch.dtype) -> Sim
 
 
 def default_weight_dtype(device: torch.device) -> torch.dtype:
-    """`auto`: bf16 where the device runs it well, else fp32.
+    """`auto`: on CUDA, bf16 where ComfyUI would use it, else fp32; on CPU and MPS, the engine's rule (`auto_dtype`).
 
     fp16 is never picked: Qwen-style activations overflow it."""
+    if device.type != "cuda":
+        return auto_dtype(device)
     try:
         if mm.should_use_bf16(device):
             return torch.bfloat16

@@ -41,12 +41,12 @@ class _Job:
 
 def _check(args) -> _Job:
     """Every input the user gave, checked in well under a second: no weight is read here."""
-    from .devices import resolve_device
+    from .devices import resolve_device, resolve_dtype
     from ..weights.download import resolve_model
     from ..model.family import FAMILY_V1
     from .images import prepare_edit_images
     from .keep_inputs import check_keep_inputs
-    from ..weights.loading import check_dtype_supported, find_vae_for_model, parse_dtype, read_model_config
+    from ..weights.loading import find_vae_for_model, read_model_config
     from .outputs import image_outputs, latents_output
 
     keep = check_keep_inputs(args.init_image, args.init_latents, args.mask, args.keep_rows, args.width, args.height)
@@ -59,14 +59,15 @@ def _check(args) -> _Job:
     check_prompts(args.prompt, args.positive, args.negative, edit)
     pixels = prepare_edit_images(args.edit_image, len(args.prompt)) if edit else []
     device = resolve_device(args.device)
-    dtype = parse_dtype(args.dtype)
-    check_dtype_supported(dtype, device)
+    dtype = resolve_dtype(args.dtype, device)
     outputs = image_outputs(args.output, len(args.prompt) * settings.images_per_prompt)
     latents_out = latents_output(args.save_latents) if args.save_latents else None
 
     model_path = resolve_model(args.model, args.download_dir)
     model_config, source = read_model_config(model_path, family=args.family)  # config.json and file headers only
     settings = _settings(model_config.family, edit, given).validate(model_config)
+    if keep:
+        keep.check_model(model_config, len(args.prompt) * settings.images_per_prompt)
     vae_path = os.path.expanduser(args.vae) if args.vae else find_vae_for_model(model_path)
     if vae_path is None:
         raise NextStepError(f"{model_path} has no vae/ folder: pass --vae with the f8ch16 tokenizer folder.")
@@ -234,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use-norm", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--seed", type=int, help=f"0 to 2**64-1 (default {d.seed})")
     g.add_argument("--noise", choices=NOISE_MODES, help=f"default {d.noise}")
-    g.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    g.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="compute dtype; auto (default): bf16 where the device has bf16 arithmetic, else float32")
     g.add_argument("--device", help="auto (default: cuda, else mps, else cpu), cpu, cuda, cuda:N, mps")
     g.add_argument("--fast", choices=FAST_MODES,
                    help="per-token path: auto (default) = CUDA graphs on CUDA, the plain loop elsewhere; a graph is "

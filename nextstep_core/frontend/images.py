@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -10,11 +11,12 @@ import torch
 from ..errors import NextStepError
 from ..fs import fs_error
 from ..generation.prompt import IMAGE_MARKER
+from ..generation.settings import MAX_SIDE
 
 if TYPE_CHECKING:
     from ..generation.loop import Conditioning
 
-MAX_INPUT_SIDE = 4096
+MAX_INPUT_SIDE = MAX_SIDE  # no input image can be larger than the largest output
 GRAY_16 = ("I;16", "I;16L", "I;16B", "I;16N")  # 16-bit grayscale (PNG, TIFF): scaled by 65535, not clipped at 255
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
@@ -23,14 +25,23 @@ def read_image(path) -> torch.Tensor:
     """An image file -> float [3,H,W] in 0..1: the engine's one image reader (CLI, API; the nodes get tensors).
 
     As the reference's `load_image`: the camera's EXIF orientation is applied, transparency is composited on white.
+    A side above MAX_INPUT_SIDE is refused from the file's header, before any pixel is decoded.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = os.path.expanduser(os.fspath(path))
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # Pillow's bomb warning: any image it warns about is refused just below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)  # lazy: reads the header only
+        with im:
+            if max(im.size) > MAX_INPUT_SIDE:
+                raise NextStepError(f"the image {path} is {im.size[0]}x{im.size[1]}; no side may be above "
+                                    f"{MAX_INPUT_SIDE} pixels. Resize it first.")
             im.load()
             return to_pixels(ImageOps.exif_transpose(im))
+    except NextStepError:
+        raise
     except (FileNotFoundError, NotADirectoryError):
         raise NextStepError(f"cannot read the image {path}: there is no such file.") from None
     except UnidentifiedImageError:

@@ -22,10 +22,14 @@ import torch.nn.functional as F
 
 from ..errors import NextStepError
 from .prompt import patchify
+from .settings import is_whole_number
 
 
 def keep_rows(k: int, h: int, w: int) -> torch.Tensor:
     """Keep mask [h*w] that keeps the top k token rows (16 pixels each) and regenerates the rest."""
+    _check_grid(h, w)
+    if not is_whole_number(k):
+        raise NextStepError(f"keep_rows takes a whole number of token rows, got {k!r}.")
     if not 0 <= k <= h:
         raise NextStepError(f"keep_rows {k} is outside the image's {h} token rows (0 keeps nothing, {h} keeps all).")
     keep = torch.zeros(h, w, dtype=torch.bool)
@@ -40,6 +44,10 @@ def keep_from_mask(mask: torch.Tensor, h: int, w: int, threshold: float = 0.0) -
     16x16-pixel area (2x2 at latent resolution; proportional windows at other resolutions) and is regenerated when
     that mean is above `threshold` — with the default 0, when any pixel of its block is masked.
     """
+    _check_grid(h, w)
+    _check_tensor("a mask", mask)
+    if mask.numel() == 0:
+        raise NextStepError(f"the mask is empty (shape {list(mask.shape)}): give an [H, W] mask, 1 = regenerate.")
     m = mask.float()
     if m.ndim == 2:
         m = m[None]
@@ -58,6 +66,8 @@ def keep_from_noise_mask(noise_mask: torch.Tensor, n_img: int, h: int, w: int, p
     it over the batch; a latent cell is then regenerated in proportion to its value. A token covers patch x patch
     latent cells and is regenerated when any of them has a value above 0, kept when all are 0.
     """
+    _check_grid(h, w)
+    _check_tensor("a noise_mask", noise_mask)
     m = noise_mask.float()
     if m.ndim < 2 or m.numel() == 0:
         raise NextStepError(f"a noise_mask must be [H, W], [B, H, W] or [B, 1, H, W], got {list(noise_mask.shape)}.")
@@ -76,9 +86,18 @@ class TokenInit:
     tokens: torch.Tensor
     keep: torch.Tensor
 
+    def __post_init__(self):
+        _check_tensor("TokenInit's tokens", self.tokens)
+        _check_tensor("TokenInit's keep mask", self.keep)
+        if not self.tokens.is_floating_point():
+            raise NextStepError(f"the init tokens must be floating point, got {self.tokens.dtype}.")
+        _check_finite("the init tokens", self.tokens)
+
     @classmethod
     def from_latents(cls, latents: torch.Tensor, cfg, latent_affine=(1.0, 0.0), keep=None) -> "TokenInit":
         """From latents [B, C, H/8, W/8] in the VAE's raw space (what the sampler returns and VAE Encode gives)."""
+        _check_tensor("init latents", latents)
+        _check_finite("the init latents", latents)
         if latents.ndim != 4 or latents.shape[1] != cfg.latent_channels:
             raise NextStepError(f"init latents must be [batch, {cfg.latent_channels}, height/8, width/8], got "
                                 f"{list(latents.shape)}: encode the image with the NextStep VAE.")
@@ -103,6 +122,25 @@ class TokenInit:
         if keep.ndim != 2 or keep.shape[1] != t:
             raise NextStepError(f"the keep mask has shape {list(self.keep.shape)} but the image has {h}x{w} tokens.")
         return _per_image(tokens, n_img, "init tokens"), _per_image(keep, n_img, "keep masks")
+
+
+def _check_tensor(what: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        how = ": convert it with torch.from_numpy(...)" if type(x).__module__ == "numpy" else ""
+        raise NextStepError(f"{what} must be a torch tensor, got {type(x).__name__}{how}.")
+
+
+def _check_finite(what: str, x: torch.Tensor) -> None:
+    """NaN or inf in a kept token would spread into every token after it (and the image would come out black)."""
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        raise NextStepError(f"{what} hold {bad} NaN or infinite value(s): give finite values, e.g. latents from "
+                            "VAE Encode or saved by --save-latents.")
+
+
+def _check_grid(h, w) -> None:
+    if not (is_whole_number(h) and is_whole_number(w) and h > 0 and w > 0):
+        raise NextStepError(f"the token grid must be whole numbers of rows and columns above 0, got {h!r} x {w!r}.")
 
 
 def _per_image(x: torch.Tensor, n_img: int, what: str) -> torch.Tensor:

@@ -34,7 +34,9 @@ from .step import Slot, TokenInputs, token_step
 
 @dataclass
 class Conditioning:
-    """Prompts (and, for editing, one encoded input image per prompt) ready for `sample`."""
+    """Prompts (and, for editing, one encoded input image per prompt) ready for `sample`.
+
+    `prompts` is one str or a list of them; the prompts' text is checked by `sample`."""
     prompts: list
     positive_prompt: str = ""
     negative_prompt: str = ""
@@ -43,9 +45,12 @@ class Conditioning:
     def __post_init__(self):
         if isinstance(self.prompts, str):
             self.prompts = [self.prompts]
+        if not isinstance(self.prompts, (list, tuple)):
+            raise NextStepError(f"prompts must be a str or a list of str, got {type(self.prompts).__name__}: e.g. "
+                                "Conditioning(['a red fox in the snow']).")
         self.prompts = list(self.prompts)
-        self.positive_prompt = self.positive_prompt or ""
-        self.negative_prompt = self.negative_prompt or ""
+        self.positive_prompt = "" if self.positive_prompt is None else self.positive_prompt
+        self.negative_prompt = "" if self.negative_prompt is None else self.negative_prompt
 
     @property
     def is_edit(self) -> bool:
@@ -62,8 +67,18 @@ class SampleResult:
     fallback: str | None = None  # why the fixed-shape path was left for the plain one, when it was
 
 
-def _validate(model, cond: Conditioning, settings: SamplerSettings) -> SamplerSettings:
+def _validate(model, cond: Conditioning, settings: SamplerSettings | None, init=None) -> SamplerSettings:
+    """The settings resolved against the model, after every argument of `sample` is checked (NextStepError)."""
     cfg = model.config
+    settings = SamplerSettings() if settings is None else settings
+    checks = [("cond", cond, Conditioning, "Conditioning(['a red fox'])"),
+              ("settings", settings, SamplerSettings, "family_defaults(model.config.family).replace(seed=1); for a "
+                                                      "dict d, SamplerSettings(**d)")]
+    if init is not None:
+        checks.append(("init", init, TokenInit, "TokenInit(tokens, keep) or TokenInit.from_latents(...)"))
+    for name, value, cls, example in checks:
+        if not isinstance(value, cls):
+            raise NextStepError(f"{name} must be a {cls.__name__}, got {type(value).__name__}: pass e.g. {example}.")
     settings = settings.with_family(cfg.family).validate(cfg)
     if not cond.prompts:
         raise NextStepError("no prompt given: pass at least one prompt.")
@@ -79,10 +94,17 @@ def _validate(model, cond: Conditioning, settings: SamplerSettings) -> SamplerSe
             raise NextStepError(f"prompt {i} contains {IMAGE_MARKER} but no input image was given: encode one with "
                                 "the edit encoder, or remove the marker.")
     if cond.is_edit:
-        for lat in cond.edit_latents:
+        lats = cond.edit_latents
+        if not isinstance(lats, (list, tuple)) or len(lats) != len(cond.prompts) or \
+                not all(isinstance(lat, torch.Tensor) and lat.ndim == 3 for lat in lats):
+            raise NextStepError(f"edit_latents must hold one latent [{cfg.latent_channels}, h, w] per prompt "
+                                f"({len(cond.prompts)}): make the conditioning with encode_edit_images.")
+        for lat in lats:
             if lat.shape[0] != cfg.latent_channels:
                 raise NextStepError(f"the input image was encoded to {lat.shape[0]} latent channels, the model needs "
                                     f"{cfg.latent_channels}: use the NextStep f8ch16 VAE.")
+            if not torch.isfinite(lat).all():
+                raise NextStepError("an input image's latents hold NaN or infinite values: encode the image again.")
     return settings
 
 
@@ -222,7 +244,7 @@ def sample(model, cond: Conditioning, settings: SamplerSettings | None = None, p
     One model runs one generation at a time: other threads wait for it.
     """
     mcfg = model.config
-    s = _validate(model, cond, settings or SamplerSettings())
+    s = _validate(model, cond, settings, init)
     h, w = grid_size(s.width, s.height, mcfg)
     branches = guidance_branches(cond, s.cfg, s.cfg_img)
     batch = prompt_batch(model, cond, s.width, s.height, s.images_per_prompt, branches)

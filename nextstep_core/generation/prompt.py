@@ -19,12 +19,21 @@ from ..weights.config import ModelConfig
 from ..weights.tokenizer import BOI, EOI, IMAGE_AREA, PLACEHOLDER, Tokenizer
 
 IMAGE_MARKER = "<image>"
+# special tokens of the image layout: written by `prefix_ids` / `image_string`, never taken from a user's text
+# (one in a prompt would open a second image area or shift the placeholders). Other special tokens, such as
+# <|endoftext|>, are tokenised as specials, as the reference does.
+LAYOUT_TOKENS = (IMAGE_AREA, BOI, EOI, PLACEHOLDER)
 
 
 def check_text(name: str, text) -> None:
-    """Text the tokenizer can take: a str of valid UTF-8 (argv bytes that are not arrive as lone surrogates)."""
+    """Text the tokenizer can take: a str of valid UTF-8 (argv bytes that are not arrive as lone surrogates), without
+    the image layout's special tokens."""
     if not isinstance(text, str):
         raise NextStepError(f"{name} is a {type(text).__name__}, not text.")
+    found = [t for t in LAYOUT_TOKENS if t in text]
+    if found:
+        raise NextStepError(f"{name} contains {', '.join(found)}: the image layout's own tokens cannot be part of a "
+                            f"prompt; remove them (to edit an input image, write {IMAGE_MARKER} and give the image).")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:

@@ -4,13 +4,16 @@
     s.validate()                      # cheap, needs no model: run it before loading anything
     res = sample(model, cond, s)      # sample validates again against the model's own limits
 
-`validate()` checks everything a user can get wrong (names, ranges, non-finite numbers, seeds) and raises
+`validate()` checks everything a user can get wrong (types, names, ranges, non-finite numbers, seeds) and raises
 `NextStepError` with what to change; `validate(model_config)` adds what depends on the model (the token size, the
-position table of models that have one).
+position table of models that have one). Whole numbers may be any integer type (numpy's too) and guidance any real
+number; what `validate` returns holds them as Python ints and floats. Switches must be real bools: "no" is not
+False.
 """
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields, replace
 
 from ..errors import NextStepError
@@ -61,12 +64,15 @@ class SamplerSettings:
         return self.sampler != "euler"
 
     def validate(self, model_config=None) -> "SamplerSettings":
-        """Raise NextStepError naming every bad value and what to use instead; return self when all is well."""
+        """Raise NextStepError naming every bad value and what to use instead; when all is well, return the settings
+        with their numbers as Python ints and floats (self when they already are)."""
         problems = []
         step = model_config.down_factor if model_config is not None else TOKEN_PIXELS
         for name in ("width", "height"):
             v = getattr(self, name)
-            if not _is_int(v) or v % step or not step <= v <= MAX_SIDE:
+            if not is_whole_number(v):
+                problems.append(f"{name} must be a whole number of pixels, got {v!r}")
+            elif v % step or not step <= v <= MAX_SIDE:
                 problems.append(f"{name} {v!r} is not supported: use a multiple of {step} between {step} and "
                                 f"{MAX_SIDE} (512 is what the model was trained at)")
         problems += _int_range("images per prompt", self.images_per_prompt, 1, MAX_IMAGES)
@@ -74,11 +80,11 @@ class SamplerSettings:
         if self.steps_end is not None:
             problems += _int_range("steps_end", self.steps_end, 1, MAX_STEPS)
         d = self.denoise
-        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or not 0 <= d <= 1:
+        if not _is_real(d) or not math.isfinite(d) or not 0 <= d <= 1:
             problems.append(f"denoise must be a number from 0 to 1 (1 = generate anew), got {d!r}")
         for name in ("cfg", "cfg_img", "timesteps_shift"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            if not _is_real(v) or not math.isfinite(v) or v <= 0:
                 problems.append(f"{name} must be a finite number above 0, got {v!r}")
         for name, value, allowed in (("sampler", self.sampler, (None, *SAMPLERS)),
                                      ("cfg schedule", self.cfg_schedule, CFG_SCHEDULES),
@@ -87,8 +93,10 @@ class SamplerSettings:
                                                                                  COMPILE_MODES)):
             if value not in allowed:
                 problems.append(f"unknown {name} {value!r}; choose one of {', '.join(a for a in allowed if a)}")
-        if not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT:
+        if not is_whole_number(self.seed) or not 0 <= self.seed < SEED_LIMIT:
             problems.append(f"seed must be a whole number from 0 to {SEED_LIMIT - 1}, got {self.seed!r}")
+        if not isinstance(self.use_norm, bool):
+            problems.append(f"use_norm must be True or False, got {self.use_norm!r}")
         if self.compile == "on" and self.head_loop != "fused":
             problems.append(f"compile 'on' compiles the fused head loop; use head loop 'fused' with it, not "
                             f"{self.head_loop!r}")
@@ -99,7 +107,17 @@ class SamplerSettings:
                                 "smaller size")
         if problems:
             raise NextStepError("; ".join(problems) + ".")
-        return self
+        return self._builtin_numbers()
+
+    def _builtin_numbers(self) -> "SamplerSettings":
+        changes = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if is_whole_number(v) and type(v) is not int:
+                changes[f.name] = int(v)
+            elif _is_real(v) and not is_whole_number(v) and type(v) is not float:
+                changes[f.name] = float(v)
+        return self.replace(**changes) if changes else self
 
 
 # What a captured per-token step bakes in (graph.py keys kept steps on these values): shapes and the head's time grid
@@ -118,12 +136,17 @@ def graph_baked(settings: SamplerSettings) -> tuple:
     return tuple((name, getattr(settings, name)) for name in sorted(GRAPH_BAKED))
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def is_whole_number(v) -> bool:
+    """An integer of any integer type (numpy's too), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def _int_range(name: str, v, lo: int, hi: int) -> list[str]:
-    if not _is_int(v) or not lo <= v <= hi:
+    if not is_whole_number(v) or not lo <= v <= hi:
         return [f"{name} must be a whole number from {lo} to {hi}, got {v!r}"]
     return []
 

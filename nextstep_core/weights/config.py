@@ -19,7 +19,7 @@ from typing import Any
 from ..errors import CheckpointError
 from ..fs import fs_error
 from ..model.family import FAMILIES, FAMILY_V1, FAMILY_V1_1  # noqa: F401  (re-exported: ns.FAMILIES etc.)
-from .identify import AUTO, MODEL, VAE, FamilyChoice, kind_of_config, resolve_family, wrong_kind
+from .identify import AUTO, MODEL, V11_MODEL_TYPE, VAE, FamilyChoice, kind_of_config, resolve_family, wrong_kind
 
 
 @dataclass
@@ -96,7 +96,7 @@ _IGNORED = {
 }
 # model_type values of NextStep configs: the HF / NextStep-1 code writes "nextstep", NextStep-1.1's GitHub inference
 # code (a Qwen2Config subclass) "stepx_llama" (reference notes §14.7)
-MODEL_TYPES = (None, "nextstep", "stepx_llama")
+MODEL_TYPES = (None, "nextstep", V11_MODEL_TYPE)
 
 
 def model_config_from_dict(raw: dict, source: str = "config.json", location: str | None = None,

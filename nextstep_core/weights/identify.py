@@ -14,13 +14,17 @@ Family (`resolve_family`), with `family="auto"` (anything else is taken as given
    folder (`nextstep_download.json`) or the Hugging Face cache folder (`models--stepfun-ai--NextStep-1.1`), the
    folder's (or file's) own name, and `_name_or_path` in config.json: `NextStep-1.1*` is NextStep-1.1,
    `NextStep-1-Large*` (Large, -Edit, -Pretrain) is NextStep-1 (case-insensitive; an owner prefix is fine);
-3. weak config evidence: keys that only the 1.1-era training code writes (GitHub `d6759c2`, reference notes §14.7:
+3. the config class that saved it: `model_type: "stepx_llama"` is NextStep-1.1. Only NextStep-1.1's GitHub
+   inference class writes it (`inference/nextstep_model.py` at `d6759c2`, a Qwen2Config); NextStep-1's
+   `NextStepConfig` writes "nextstep" in every commit of its code (`d979f38` … `6e49bae`), as do the HF code and
+   the 1.1 training code (reference notes §14.7), so "nextstep" says nothing either way;
+4. weak config evidence: keys that only the 1.1-era training code writes (GitHub `d6759c2`, reference notes §14.7:
    `hw_aspect_ratios_ids`, `noise_strength`, ...) suggest NextStep-1.1;
-4. otherwise NextStep-1, as a default.
+5. otherwise NextStep-1, as a default.
 
 `o_attention_bias` and a relative `vae_name_or_path` ("vae/") are no evidence at all: the official NextStep-1
 `NextStepConfig` writes both (reference notes §15), and reading them as 1.1 ran NextStep-1 checkpoints with the wrong
-sampler. After rule 3 or 4, or when two names disagree, the reason says so and how to choose the family instead.
+sampler. After rule 4 or 5, or when two names disagree, the reason says so and how to choose the family instead.
 """
 from __future__ import annotations
 
@@ -47,6 +51,8 @@ _NAME_RULES = ((re.compile(r"nextstep-1\.1(?![0-9])", re.I), FAMILY_V1_1),
 # config keys only the 1.1-era training code (GitHub d6759c2) writes: a hint, not proof
 _V11_TRAINING_KEYS = ("hw_aspect_ratios_ids", "noise_strength", "use_mlp_before_lm_head", "use_token_length_weight",
                       "image_loss_weight", "attention_use_qk_norm")
+# the model_type only NextStep-1.1's GitHub inference config class writes (rule 3)
+V11_MODEL_TYPE = "stepx_llama"
 _HF_CACHE_DIR = re.compile(r"^models--([^/\\]+?)--([^/\\]+)$")
 
 
@@ -165,6 +171,9 @@ def resolve_family(raw: dict, location: str | None = None, requested: str | None
         reason = f"from {label} {name!r}"
         others = [f"{lab} {nm!r} suggests {fam}" for lab, nm, fam in named[1:] if fam != family]
         return FamilyChoice(family, reason + (f", but {'; '.join(others)}" if others else ""), guessed=bool(others))
+    if raw.get("model_type") == V11_MODEL_TYPE:
+        return FamilyChoice(FAMILY_V1_1, f"from model_type {V11_MODEL_TYPE!r} in config.json, which only "
+                                         "NextStep-1.1's inference code writes (NextStep-1's writes 'nextstep')")
     hints = [k for k in _V11_TRAINING_KEYS if k in raw]
     if hints:
         return FamilyChoice(FAMILY_V1_1, f"weak evidence: config.json has {', '.join(hints)}, which only the "

@@ -10,14 +10,21 @@ File layout (device-neutral, what `convert --dtype int4` writes and `load_model(
 At load the codes are re-packed for the device's kernel: `torch._weight_int4pack_mm_for_cpu` on the CPU,
 `torch._weight_int4pack_mm` on CUDA (sm80+) and MPS. Each layout's inverse is here too (`unpack`), because a
 model that ComfyUI moves between devices has to be re-packed for the new one.
+
+The CPU packer's layout depends on the instruction set PyTorch dispatches to (PyTorch's `int4mm_kernel.cpp`: blocks
+of 4 vector widths of rows, so 64 with AVX-512, 32 with AVX2 or without vector code, 16 with Arm's NEON; rows
+paired half a block apart on AVX-512 / AVX2, side by side elsewhere), so it is read from the packer itself once per
+process (`cpu_layout`) rather than assumed; a layout it cannot read leaves int4 dequantising.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
 GROUP = 128
-_CPU_BLOCK = 64  # rows per block of the CPU kernel's layout (see `_cpu_codes`)
-ROW_TILE = _CPU_BLOCK  # rows every layout keeps together: the CPU's 64-row blocks, CUDA's and MPS's 8-row tiles
+# rows every layout keeps together: the CPU's blocks (64, 32 or 16 rows, `cpu_layout`), CUDA's and MPS's 8-row tiles
+ROW_TILE = 64
 _GPU_INNER_K_TILES = 8  # in_features must then be a multiple of 8 * 16 = 128, which GROUP already demands
 
 
@@ -77,7 +84,7 @@ def kernel_for(device: torch.device) -> str | None:
 
 def shape_ok(kernel: str, out_features: int, in_features: int) -> bool:
     if kernel == "int4_cpu":
-        return out_features % _CPU_BLOCK == 0 and in_features % GROUP == 0
+        return out_features % ROW_TILE == 0 and in_features % GROUP == 0
     return out_features % 8 == 0 and in_features % (_GPU_INNER_K_TILES * 16) == 0
 
 
@@ -94,11 +101,11 @@ def views(sz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def pack(kernel: str, b: torch.Tensor) -> torch.Tensor:
     """File nibbles (on the target device) -> the kernel's packed weight."""
     if kernel == "int4_cpu":
-        # block by block of rows (the layout is per 64-row block): the packer's input is int32, 8x the nibbles, and
-        # whole-layer temporaries of varying sizes would stay in the allocator (+3.5x the int4 bytes measured)
-        rows = max(_CPU_BLOCK, (1 << 20) // b.shape[1] // _CPU_BLOCK * _CPU_BLOCK)
-        return torch.cat([torch._convert_weight_to_int4pack_for_cpu(unpack_nibbles(b[i:i + rows]).to(torch.int32), 1)
-                          for i in range(0, b.shape[0], rows)])
+        # a few blocks of rows at a time (the layout is per block of rows, and blocks divide ROW_TILE): the packer's
+        # input is int32, 8x the nibbles, and whole-layer temporaries of varying sizes would stay in the allocator
+        # (+3.5x the int4 bytes measured)
+        rows = max(ROW_TILE, (1 << 20) // b.shape[1] // ROW_TILE * ROW_TILE)
+        return torch.cat([_cpu_pack_codes(unpack_nibbles(b[i:i + rows])) for i in range(0, b.shape[0], rows)])
     swapped = (b << 4) | (b >> 4)  # the CUDA / MPS packer wants column 2j in the HIGH nibble
     return torch._convert_weight_to_int4pack(swapped.contiguous(), _GPU_INNER_K_TILES)
 
@@ -118,12 +125,20 @@ def codes(kernel: str, packed: torch.Tensor, out_features: int, in_features: int
 
 
 def _cpu_codes(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """The CPU layout: per block of 64 output rows, K-major bytes, byte (k, r) = q[r, k] | q[r + 32, k] << 4.
+    """The CPU layout -> codes uint8 [n, k]. Per block of `block` output rows, K-major, `block` nibbles per input
+    column (low nibble first); nibble p of a column holds the block's row `rows[p]` (`cpu_layout`)."""
+    block, rows = cpu_layout()
+    return _from_blocks(_nibbles(packed), n, k, block, rows)
 
-    Read from what the packer produces (checked by `cpu_layout_known` at load, before it is relied on).
-    """
-    blocks = packed.reshape(n // _CPU_BLOCK, k, _CPU_BLOCK // 2).transpose(1, 2)  # [nb, 32, k]
-    return torch.stack([blocks & 15, blocks >> 4], dim=1).reshape(n, k)  # rows r and r + 32 of each block
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 bytes -> their nibbles in memory order (low, then high), flat."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten()
+
+
+def _from_blocks(nibbles: torch.Tensor, n: int, k: int, block: int, rows: torch.Tensor) -> torch.Tensor:
+    blocks = nibbles.reshape(n // block, k, block)[..., torch.argsort(rows)]  # [n / block, k, row in block]
+    return blocks.transpose(1, 2).reshape(n, k)
 
 
 def _gpu_unpack(packed: torch.Tensor, n: int, k: int, chunk: int = 1024) -> torch.Tensor:
@@ -139,15 +154,38 @@ def _gpu_unpack(packed: torch.Tensor, n: int, k: int, chunk: int = 1024) -> torc
     return pack_nibbles(torch.cat(cols).t())
 
 
-def cpu_layout_known() -> bool:
-    """Whether this torch's CPU packer uses the layout `_cpu_codes` inverts (probed once on a small matrix)."""
+@functools.lru_cache(maxsize=None)
+def cpu_layout() -> tuple[int, torch.Tensor] | None:
+    """(rows per block, the row of the block each nibble of a column holds) of this process's CPU packer; None
+    where its output is no such layout (int4 then dequantises on the CPU).
+
+    Read from the packer: rows tagged with their number (low bits, then high bits) give the row order of the first
+    column; the block is the first size whose first column holds each of its rows once and that unpacks a random
+    matrix back to itself. Blocks divide ROW_TILE, where merged layers split.
+    """
     try:
+        tag = torch.arange(ROW_TILE)[:, None].expand(ROW_TILE, GROUP)
+        order = _nibbles(_cpu_pack_codes(tag % 16)).long() + 16 * _nibbles(_cpu_pack_codes(tag // 16)).long()
         g = torch.Generator().manual_seed(0)
-        q = torch.randint(0, 16, (2 * _CPU_BLOCK, 2 * GROUP), dtype=torch.uint8, generator=g)
-        b = pack_nibbles(q)
-        return torch.equal(unpack("int4_cpu", pack("int4_cpu", b), *q.shape), b)
+        q = torch.randint(0, 16, (2 * ROW_TILE, 2 * GROUP), dtype=torch.uint8, generator=g)
+        q_packed = _nibbles(_cpu_pack_codes(q))
+        for block in (2, 4, 8, 16, 32, 64):
+            rows = order[:block].clone()
+            if torch.equal(rows.sort().values, torch.arange(block)) and \
+                    torch.equal(_from_blocks(q_packed, *q.shape, block, rows), q):
+                return block, rows
     except (RuntimeError, NotImplementedError, TypeError, AttributeError, ValueError):
-        return False
+        pass
+    return None
+
+
+def cpu_layout_known() -> bool:
+    """Whether this torch's CPU packer uses a layout `_cpu_codes` inverts (probed once per process)."""
+    return cpu_layout() is not None
+
+
+def _cpu_pack_codes(q: torch.Tensor) -> torch.Tensor:
+    return torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
 
 
 def matmul(kernel: str, x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:

@@ -131,6 +131,9 @@ def one_error_line(err: str) -> str:
     (["-o", "out.xyz"], "'.xyz' is not an image file type Pillow can write"),
     (["--save-latents", "lat.txt"], "give a .npz file name"),
     (["--prompt", "<image>a cat"], "marks an input image: pass one with --edit-image"),
+    (["--negative", "<|image_placeholder|>"], "--negative contains <|image_placeholder|>: the image layout's own"),
+    (["--prompt", "a <|begin_of_image|> cat"], "prompt 1 contains <|begin_of_image|>"),
+    (["--positive", "<|image_area|>4*4"], "--positive contains <|image_area|>"),
 ])
 def test_a_bad_value_is_one_line_before_loading(tiny_dir, tmp_path, monkeypatch, capsys, no_loading, args, expected):
     monkeypatch.chdir(tmp_path)
@@ -161,7 +164,9 @@ def test_bad_edit_images(tiny_dir, tmp_path, capsys, no_loading):
     Image.new("RGB", (40, 32)).save(tmp_path / "odd.png")
     Image.new("RGB", (32, 32)).save(tmp_path / "ok.png")
     (tmp_path / "text.png").write_text("hello")
+    Image.new("1", (9472, 9472)).save(tmp_path / "huge.png")  # 261 KB took 21 s and 3.4 GB before its refusal
     for images, expected in ((["odd.png"], "is 40x32; editing needs sides that are multiples of 16"),
+                             (["huge.png"], "huge.png is 9472x9472; no side may be above 4096 pixels"),
                              (["ok.png", "ok.png"], "2 input image(s) for 1 prompt(s)"),
                              (["text.png"], "not an image format Pillow knows")):
         edit = [a for name in images for a in ("--edit-image", str(tmp_path / name))]
@@ -225,6 +230,20 @@ def test_the_tiny_demo_is_small_by_default(tmp_path, capsys):
     code, out, err = run_main(capsys, "generate", "--model", "tiny", "--prompt", "x", "-o", str(tmp_path / "t.png"))
     assert code == 0 and "tiny demo: 128x128, 8 head steps" in err
     assert out.strip() == f"wrote {tmp_path / 't.png'}" and Image.open(tmp_path / "t.png").size == (128, 128)
+
+
+@pytest.mark.parametrize("native_bf16", [False, True], ids=["avx2-like cpu", "avx512-bf16 cpu"])
+def test_the_dtype_defaults_to_auto_which_follows_the_devices_bf16_arithmetic(tiny_dir, tmp_path, monkeypatch,
+                                                                              no_loading, native_bf16):
+    from nextstep_core.frontend import cli as C
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    argv = ["generate", "--model", tiny_dir, "--prompt", "x", "--device", "cpu", "-o", str(tmp_path / "x.png")]
+    args = C.build_parser().parse_args(argv)
+    assert args.dtype == "auto"
+    assert C._check(args).dtype == (torch.bfloat16 if native_bf16 else torch.float32)
+    assert C._check(C.build_parser().parse_args([*argv, "--dtype", "bfloat16"])).dtype == torch.bfloat16
 
 
 # --- Ctrl-C and unsafe files ---------------------------------------------------------------------------------------

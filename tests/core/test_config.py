@@ -54,6 +54,16 @@ def test_only_1_1_era_training_keys_are_weak_evidence():
     assert fam == FAMILY_V1_1 and guessed and "weak evidence" in reason and "hw_aspect_ratios_ids" in reason
 
 
+def test_model_type_stepx_llama_is_what_only_the_1_1_inference_class_writes():
+    """NextStep-1's NextStepConfig writes model_type "nextstep" (every commit of its code); NextStep-1.1's GitHub
+    inference class writes "stepx_llama" (reference notes §14.7)."""
+    fam, reason, guessed = family(dict(OFFICIAL, model_type="stepx_llama"))
+    assert (fam, guessed) == (FAMILY_V1_1, False) and "model_type 'stepx_llama'" in reason
+    assert family(dict(OFFICIAL, model_type="nextstep"))[:3:2] == (FAMILY_V1, True)  # no evidence: the default
+    # a published name still outranks the config class
+    assert family(dict(OFFICIAL, model_type="stepx_llama", _name_or_path="NextStep-1-Large"))[0] == FAMILY_V1
+
+
 def test_our_key_beats_the_name_and_an_explicit_family_beats_everything():
     raw = dict(OFFICIAL, nextstep_family="nextstep-1.1", _name_or_path="stepfun-ai/NextStep-1-Large")
     assert family(raw) == (FAMILY_V1_1, "from nextstep_family in config.json", False)

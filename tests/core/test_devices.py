@@ -1,8 +1,10 @@
-"""One place turns a device string into a checked torch.device: auto picks the best, a wrong name says what exists."""
+"""One place turns a device string into a checked torch.device: auto picks the best, a wrong name says what exists;
+and one rule picks the dtype `auto` computes in: bf16 only where the device has bf16 arithmetic."""
 import pytest
 import torch
 
-from nextstep_core.frontend.devices import available_devices, resolve_device
+from nextstep_core.frontend import devices
+from nextstep_core.frontend.devices import auto_dtype, available_devices, resolve_device, resolve_dtype
 from nextstep_core.errors import NextStepError
 
 
@@ -44,3 +46,59 @@ def test_a_backend_that_fails_to_initialise_counts_as_absent(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", broken)
     with pytest.raises(NextStepError, match="not available"):
         resolve_device("cuda")
+
+
+# ---- the auto dtype
+
+def _cpu_flags(monkeypatch, avx512_bf16=False, amx=False, machine="x86_64"):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(devices.platform, "machine", lambda: machine)
+
+
+def test_auto_is_float32_on_a_cpu_without_bf16_arithmetic_like_an_avx2_only_one(monkeypatch):
+    _cpu_flags(monkeypatch)
+    assert auto_dtype("cpu") == torch.float32 and resolve_dtype("auto", "cpu") == torch.float32
+
+
+@pytest.mark.parametrize("flags", [dict(avx512_bf16=True), dict(amx=True)], ids=["avx512-bf16", "amx"])
+def test_auto_is_bf16_on_a_cpu_with_bf16_arithmetic(monkeypatch, flags):
+    _cpu_flags(monkeypatch, **flags)
+    assert auto_dtype(torch.device("cpu")) == torch.bfloat16
+
+
+def test_a_cpu_whose_probes_are_missing_or_broken_gets_float32(monkeypatch):
+    def broken():
+        raise RuntimeError("no cpuinfo")
+
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", broken, raising=False)
+    monkeypatch.setattr(devices.platform, "machine", lambda: "x86_64")
+    assert auto_dtype("cpu") == torch.float32
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 5), torch.float32), ((8, 0), torch.bfloat16),
+                                                  ((9, 0), torch.bfloat16)])
+def test_auto_on_cuda_is_bf16_from_ampere_on(monkeypatch, capability, expected):
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert auto_dtype("cuda") == expected
+
+
+def test_auto_on_other_devices_is_bf16_where_the_device_computes_it(monkeypatch):
+    from nextstep_core.weights import loading
+
+    def refuse(dtype, device):
+        raise NextStepError("no bf16 here")
+
+    monkeypatch.setattr(loading, "check_dtype_supported", lambda dtype, device: None)
+    assert auto_dtype("mps") == torch.bfloat16
+    monkeypatch.setattr(loading, "check_dtype_supported", refuse)
+    assert auto_dtype("mps") == torch.float32
+
+
+def test_an_explicit_dtype_is_taken_as_given_and_an_unknown_one_says_what_to_use(monkeypatch):
+    _cpu_flags(monkeypatch)
+    assert resolve_dtype("bf16", "cpu") == torch.bfloat16 and resolve_dtype("Float32", "cpu") == torch.float32
+    with pytest.raises(NextStepError, match="unknown dtype 'half8'"):
+        resolve_dtype("half8", "cpu")

@@ -141,6 +141,11 @@ def test_info_prints_the_family_and_the_rule(official):
     assert "family:      nextstep-1.1 (set explicitly)" in describe(official("x"), family="nextstep-1.1")
 
 
+def test_info_names_model_type_stepx_llama_as_the_reason_for_1_1(official):
+    out = cli("info", official("anon", model_type="stepx_llama")).stdout
+    assert "family:      nextstep-1.1 (from model_type 'stepx_llama' in config.json" in out and HINT not in out
+
+
 def _generate(model, tmp_path, tag, *extra):
     """Golden case t2i_norm_linear (the family decides the sampler, its time grid and the linear schedule)."""
     case = next(c for c in json.load(open(os.path.join(GOLDEN, "cases.json"))) if c["name"] == "t2i_norm_linear")

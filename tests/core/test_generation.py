@@ -1,4 +1,6 @@
 """The autoregressive loop: determinism, batching, hooks, cancellation, bad input, editing."""
+import re
+
 import pytest
 import torch
 
@@ -110,6 +112,67 @@ def test_bad_settings_fail_before_any_compute(tiny_model, kwargs, match):
     args = dict(FAST, **kwargs)
     with pytest.raises(NextStepError, match=match):
         sample(tiny_model, Conditioning(["a"]), SamplerSettings(**args))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(use_norm="no"), "use_norm must be True or False, got 'no'"),  # a non-empty string once meant True
+    (dict(use_norm=1), "use_norm must be True or False, got 1"),
+    (dict(compile=True), "unknown compile mode True"),
+    (dict(width=32.0), "width must be a whole number of pixels, got 32.0"),
+    (dict(steps=2.5), "steps must be a whole number from 1"),
+    (dict(steps_end="2"), "steps_end must be a whole number"),
+    (dict(seed=1.0), "seed must be a whole number"),
+    (dict(cfg="7.5"), "cfg must be a finite number above 0, got '7.5'"),
+    (dict(cfg=True), "cfg must be a finite number above 0, got True"),
+    (dict(sampler=["euler"]), "unknown sampler \\['euler'\\]"),
+])
+def test_settings_of_the_wrong_type_are_refused_with_what_to_pass(tiny_model, kwargs, match):
+    with pytest.raises(NextStepError, match=match):
+        SamplerSettings(**dict(FAST, **kwargs)).validate()
+    with pytest.raises(NextStepError, match=match):
+        sample(tiny_model, Conditioning(["a"]), SamplerSettings(**dict(FAST, **kwargs)))
+
+
+def test_numpy_numbers_are_taken_as_the_python_numbers_they_equal(tiny_model):
+    np = pytest.importorskip("numpy")
+    given = SamplerSettings(width=np.int64(32), height=np.int32(32), steps=np.int64(4), cfg=np.float32(3.0),
+                            seed=np.uint64(7))
+    checked = given.validate()
+    assert type(checked.width) is int and type(checked.seed) is int and type(checked.cfg) is float
+    want = sample(tiny_model, Conditioning(["a"]), SamplerSettings(seed=7, **FAST)).tokens
+    assert torch.equal(sample(tiny_model, Conditioning(["a"]), given).tokens, want)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda m: sample(m, Conditioning(["a"]), dict(FAST)), "settings must be a SamplerSettings, got dict.*"
+                                                           "SamplerSettings\\(\\*\\*d\\)"),
+    (lambda m: sample(m, Conditioning(["a"]), {}), "settings must be a SamplerSettings, got dict"),  # not defaults
+    (lambda m: sample(m, "a cat", SamplerSettings(**FAST)), "cond must be a Conditioning, got str"),
+    (lambda m: sample(m, Conditioning(None), SamplerSettings(**FAST)), "prompts must be a str or a list of str, "
+                                                                        "got NoneType"),
+    (lambda m: sample(m, Conditioning(["a"]), SamplerSettings(**FAST), init=[torch.zeros(1, 4, 64)]),
+     "init must be a TokenInit, got list"),
+])
+def test_arguments_of_the_wrong_type_say_what_to_pass(tiny_model, call, match):
+    with pytest.raises(NextStepError, match=match):
+        call(tiny_model)
+
+
+@pytest.mark.parametrize("token", ["<|image_placeholder|>", "<|begin_of_image|>", "<|end_of_image|>",
+                                   "<|image_area|>"])
+def test_the_image_layouts_own_tokens_are_refused_in_every_prompt(tiny_model, token):
+    """One would open a second image area or add placeholders that no image fills (they break the layout)."""
+    for cond, name in ((Conditioning([f"a {token} cat"]), "prompt 0"),
+                       (Conditioning(["a cat"], negative_prompt=token), "the negative prompt"),
+                       (Conditioning(["a cat"], positive_prompt=f"{token}4*4"), "the positive prompt")):
+        with pytest.raises(NextStepError, match=f"{name} contains {re.escape(token)}: the image layout's own "
+                                                "tokens cannot be part of a prompt"):
+            sample(tiny_model, cond, SamplerSettings(**FAST))
+
+
+def test_other_special_tokens_are_tokenised_as_the_reference_does(tiny_model):
+    res = sample(tiny_model, Conditioning(["a cat<|endoftext|>"]), SamplerSettings(**FAST))
+    assert torch.isfinite(res.tokens).all()
 
 
 def test_bad_prompts_and_images(tiny_model, tiny_vae):

@@ -1,4 +1,6 @@
 """Input images: one reader for every front end, every common PIL mode mapped to RGB in 0..1 as the reference does."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -109,3 +111,14 @@ def test_edit_images_are_checked_before_encoding(tmp_path):
         prepare_edit_images([torch.rand(3, 16, 16)] * 2, 1)
     out = prepare_edit_images([Image.new("RGBA", (32, 16)), torch.rand(1, 3, 16, 16)], 2)
     assert [tuple(p.shape) for p in out] == [(3, 16, 32), (3, 16, 16)]
+
+
+def test_an_image_larger_than_any_supported_size_is_refused_from_its_header(tmp_path, monkeypatch):
+    Image.new("1", (9472, 9472)).save(tmp_path / "huge.png")  # a small file that decodes to 90 M pixels
+    Image.new("RGB", (4112, 16)).save(tmp_path / "wide.png")
+    assert os.path.getsize(tmp_path / "huge.png") < 100_000
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("the pixels were decoded"))
+    with pytest.raises(NextStepError, match=r"huge.png is 9472x9472; no side may be above 4096 pixels"):
+        read_image(tmp_path / "huge.png")
+    with pytest.raises(NextStepError, match=r"wide.png is 4112x16; no side may be above 4096"):
+        prepare_edit_images([tmp_path / "wide.png"], 1)

@@ -154,3 +154,48 @@ def test_keep_rows_and_bad_inputs(tiny_model):
     with pytest.raises(NextStepError, match="3 init tokens for 2 images"):
         sample(tiny_model, Conditioning(["a"]), BASE.replace(images_per_prompt=2),
                init=TokenInit(torch.zeros(3, 12, 64), keep_rows(1, H, W)))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_in_an_init_is_refused_before_it_spreads_into_every_later_token(tiny_model, bad):
+    res = sample(tiny_model, Conditioning(["a"]), BASE)
+    tokens = res.tokens.clone()
+    tokens[0, 1, 5] = bad
+    with pytest.raises(NextStepError, match="the init tokens hold 1 NaN or infinite value"):
+        TokenInit(tokens, keep_rows(1, H, W))
+    latents = res.latents.clone()
+    latents[0, 3, 0, 0] = bad
+    with pytest.raises(NextStepError, match="the init latents hold 1 NaN or infinite value"):
+        TokenInit.from_latents(latents, tiny_model.config, tiny_model.latent_affine, keep_rows(1, H, W))
+
+
+def test_an_init_of_the_wrong_type_says_what_to_pass():
+    np = pytest.importorskip("numpy")
+    with pytest.raises(NextStepError, match="TokenInit's tokens must be a torch tensor, got ndarray: convert it "
+                                            "with torch.from_numpy"):
+        TokenInit(np.zeros((1, H * W, 64), np.float32), keep_rows(1, H, W))
+    with pytest.raises(NextStepError, match="TokenInit's keep mask must be a torch tensor, got list"):
+        TokenInit(torch.zeros(1, H * W, 64), [True] * (H * W))
+    with pytest.raises(NextStepError, match="init tokens must be floating point"):
+        TokenInit(torch.zeros(1, H * W, 64, dtype=torch.long), keep_rows(1, H, W))
+    with pytest.raises(NextStepError, match="init latents must be a torch tensor, got ndarray"):
+        TokenInit.from_latents(np.zeros((1, 16, 6, 8), np.float32), None)
+
+
+@pytest.mark.parametrize("k", [1.5, 1.0, "1", None, True])
+def test_keep_rows_takes_a_whole_number_of_rows(k):
+    with pytest.raises(NextStepError, match="keep_rows takes a whole number of token rows"):
+        keep_rows(k, H, W)
+
+
+def test_empty_or_non_tensor_masks_say_what_to_pass():
+    with pytest.raises(NextStepError, match="the mask is empty"):
+        keep_from_mask(torch.zeros(0, 0), H, W)
+    with pytest.raises(NextStepError, match="the mask is empty"):
+        keep_from_mask(torch.zeros(1, 0, 64), H, W)
+    with pytest.raises(NextStepError, match="a mask must be a torch tensor, got list"):
+        keep_from_mask([[0.0] * 64] * 48, H, W)
+    with pytest.raises(NextStepError, match="token grid must be whole numbers"):
+        keep_from_mask(torch.zeros(48, 64), 0, W)
+    with pytest.raises(NextStepError, match="a noise_mask must be a torch tensor"):
+        ns.keep_from_noise_mask(None, 1, H, W)

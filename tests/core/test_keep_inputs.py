@@ -12,7 +12,7 @@ from nextstep_core import (Conditioning, NextStepError, SamplerSettings, TokenIn
                            encode_latents, keep_from_noise_mask, keep_rows, sample)
 from nextstep_core.generation.prompt import patchify
 from nextstep_core.frontend.keep_inputs import check_keep_inputs
-from tests.core.test_cli import cli
+from tests.core.test_cli import cli, one_error_line, run_main
 
 
 # ---- noise_mask, read as core KSampler reads it ----------------------------------------------------------------
@@ -98,6 +98,67 @@ def test_bad_keep_inputs_say_what_to_fix(tmp_path, kwargs, message):
     paths = {k: str(tmp_path / v) if k in ("init_image", "init_latents", "mask") else v for k, v in kwargs.items()}
     with pytest.raises(NextStepError, match=message):
         check_keep_inputs(**paths)
+
+
+def _npz_declaring(path, shape):
+    """An .npz whose 'latents' member declares `shape` (zeros, deflated: a small file for a large array)."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z, z.open("latents.npy", "w", force_zip64=True) as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": shape})
+        row = bytes(4 * shape[-1])
+        for _ in range(int(np.prod(shape[:-1]))):
+            f.write(row)
+    return str(path)
+
+
+def test_an_npz_declaring_more_than_any_image_is_refused_from_its_header(tmp_path, monkeypatch):
+    path = _npz_declaring(tmp_path / "huge.npz", (1, 16, 520, 520))  # 4160x4160 pixels: above MAX_SIDE
+    assert os.path.getsize(path) < 100_000
+    monkeypatch.setattr(np, "frombuffer", lambda *a, **k: pytest.fail("the data was read"))
+    with pytest.raises(NextStepError, match=r"'latents' declares shape \[1, 16, 520, 520\], which is not the "
+                                            r"latents of images this engine makes \(at most 4096x4096 pixels"):
+        check_keep_inputs(init_latents=path, rows=1)
+
+
+@pytest.mark.parametrize("what,write,message", [
+    ("npy", lambda p: np.save(open(p, "wb"), np.zeros((1, 16, 4, 6), np.float32)),
+     "is not an .npz file \\(it is a single .npy array; write latents with numpy.savez"),
+    ("png", lambda p: Image.new("RGB", (48, 32)).save(p, format="PNG"),
+     "is not an .npz file \\(it is an image: give images with --init-image\\)"),
+    ("text", lambda p: open(p, "w").write("tokens"), "is not an .npz file: give the .npz"),
+    ("objects", lambda p: np.savez(p, latents=np.array([None] * 4, dtype=object)), "holds object values, not numbers"),
+])
+def test_a_file_that_is_no_latents_npz_is_one_line_without_a_pickle_hint(tmp_path, what, write, message):
+    path = str(tmp_path / "l.npz")
+    write(path)
+    with pytest.raises(NextStepError, match=message) as e:
+        check_keep_inputs(init_latents=path, rows=1)
+    assert "pickle" not in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("key", ["tokens", "latents"])
+def test_nan_in_saved_latents_is_refused_before_the_model_loads(tmp_path, key):
+    arrays = dict(tokens=np.zeros((1, 6, 64), np.float32), latents=np.zeros((1, 16, 4, 6), np.float32))
+    arrays[key].flat[3] = np.nan
+    np.savez(tmp_path / "l.npz", **arrays)
+    with pytest.raises(NextStepError, match=f"'{key}' holds 1 NaN or infinite value"):
+        check_keep_inputs(init_latents=str(tmp_path / "l.npz"), rows=1)
+
+
+@pytest.mark.parametrize("arrays,extra,message", [
+    (dict(latents=np.zeros((1, 8, 4, 6), np.float32)), [], "the init latents have 8 channels, this model takes 16"),
+    (dict(tokens=np.zeros((1, 6, 32), np.float32), latents=np.zeros((1, 16, 4, 6), np.float32)), [],
+     "the init tokens have 32 values per token, this model takes 64"),
+    (dict(latents=np.zeros((3, 16, 4, 6), np.float32)), ["--images-per-prompt", "2"],
+     "the init latents hold 3 images for a batch of 2"),
+])
+def test_init_latents_that_do_not_fit_the_models_config_are_refused_before_the_load(
+        tiny_dir, tmp_path, capsys, no_loading, arrays, extra, message):
+    np.savez(tmp_path / "l.npz", **arrays)
+    code, _, err = run_main(capsys, "generate", "--model", tiny_dir, "--prompt", "x", "--init-latents",
+                            str(tmp_path / "l.npz"), "--keep-rows", "1", *extra, "-o", str(tmp_path / "x.png"))
+    assert code == 2 and message in one_error_line(err)
 
 
 # ---- end to end -------------------------------------------------------------------------------------------------

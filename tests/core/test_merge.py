@@ -8,6 +8,7 @@ import nextstep_core.weights.quant as Q
 from nextstep_core.weights.convert import convert
 from nextstep_core.model.merge import merge_linears
 from nextstep_core.model.decoder import NextStep
+from tests.core.test_quant_packed import CPU_INT4
 
 # every decoder projection a whole number of int4's 64-row tiles: q 256, k / v 64 (4 heads, 1 kv head of 64)
 TILED = dict(hidden_size=256, intermediate_size=256, head_dim=64, num_key_value_heads=1)
@@ -44,7 +45,7 @@ def test_plain_layers_merge_into_the_host_class():
     assert merge_linears([torch.nn.Linear(8, 4), torch.nn.Linear(8, 4, bias=False)]) is None
 
 
-@pytest.mark.parametrize("fmt,kernel", [("int8", "int8_pack"), ("int4", "int4_cpu"), ("fp8", "dequant")])
+@pytest.mark.parametrize("fmt,kernel", [("int8", "int8_pack"), ("int4", CPU_INT4), ("fp8", "dequant")])
 def test_quantised_parts_merge_and_multiply_as_the_parts_do(fmt, kernel):
     parts, copies = quant_parts(fmt), quant_parts(fmt)
     merged = merge_linears(copies)
@@ -88,7 +89,7 @@ def test_a_quantised_model_merges_and_keeps_the_published_tensors(tiled_dir, tmp
     apart = ns.load_model(path, dtype="bfloat16", device=device)
     monkeypatch.undo()
     kernel = apart.layers[0].self_attn.q_proj.kernel  # what this device offers (probed at load)
-    assert device != "cpu" or kernel == {"int8": "int8_pack", "int4": "int4_cpu"}[fmt]
+    assert device != "cpu" or kernel == {"int8": "int8_pack", "int4": CPU_INT4}[fmt]
     attn, mlp = merged.layers[0].self_attn, merged.layers[0].mlp
     assert attn.qkv_proj.kernel == kernel and mlp.gate_up_proj.kernel == kernel and not hasattr(attn, "q_proj")
     want = apart.state_dict()

@@ -1,5 +1,10 @@
 """Quantised layers through PyTorch's packed kernels: same numbers as the dequantised reference, a fallback decided
 at load, int4 files that are device-neutral, and shapes int4 cannot take kept as int8."""
+import os
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +19,9 @@ PACKED_BOUND = 1e-2
 # a decoder whose every projection int4 can take (in_features multiples of 128), and one where down_proj cannot
 INT4_GEOMETRY = dict(hidden_size=128, intermediate_size=256)
 MIXED_GEOMETRY = dict(hidden_size=128, intermediate_size=192)
+# the CPU's int4 kernel where this torch has the op (every CPU it runs on: `quant_int4.cpu_layout`), else the fallback
+CPU_INT4 = quant_int4.kernel_for(torch.device("cpu")) or "dequant"
+NEEDS_CPU_INT4 = pytest.mark.skipif(CPU_INT4 == "dequant", reason="this torch has no CPU int4 kernel")
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +63,7 @@ def rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-@pytest.mark.parametrize("fmt,kernel", [("int8", "int8_pack"), ("int4", "int4_cpu")])
+@pytest.mark.parametrize("fmt,kernel", [("int8", "int8_pack"), ("int4", CPU_INT4)])
 @pytest.mark.parametrize("rows", [1, 2, 3, 24])
 def test_packed_product_equals_the_dequantised_reference(fmt, kernel, rows):
     layer = quant_layer(fmt)
@@ -128,16 +136,90 @@ def test_moving_a_packed_layer_unpacks_and_repacks_it():
     x = torch.randn(2, 256).bfloat16()
     before, plain = layer(x), layer.plain_weight().clone()
     layer.to("cpu")  # _apply: back to the file layout, "move", pack again for the (same) device
-    assert layer.kernel == "int4_cpu"
+    assert layer.kernel == CPU_INT4
     assert torch.equal(layer.plain_weight(), plain) and torch.equal(layer(x), before)
     layer.prepare(torch.bfloat16)  # preparing again (a second load step) must not pack the packed weight twice
     assert torch.equal(layer.plain_weight(), plain) and torch.equal(layer(x), before)
 
 
+@NEEDS_CPU_INT4
 def test_cpu_packed_layout_is_the_one_unpack_inverts():
     assert quant_int4.cpu_layout_known()
     b, _, _ = quant_int4.quantize(torch.randn(192, 384))
     assert torch.equal(quant_int4.unpack("int4_cpu", quant_int4.pack("int4_cpu", b), 192, 384), b)
+
+
+# the instruction sets PyTorch can dispatch to on an x86 CPU, lowest first; ATEN_CPU_CAPABILITY picks one at import
+X86_LEVELS = ["default", "avx2", "avx512"]
+PROBE = """
+import torch, nextstep_core.weights.quant as Q
+from nextstep_core.weights import quant_int4
+b, scale, zero = quant_int4.quantize(torch.randn(192, 384))
+layer = Q.make_quant_linear(torch.nn.Linear)(384, 192, bias=False)
+layer.weight, layer.weight_scale, layer.weight_zero = torch.nn.Parameter(b, requires_grad=False), scale, zero
+layer.prepare(torch.bfloat16)
+x = torch.randn(2, 384).bfloat16()
+ref = torch.nn.functional.linear(x.float(), quant_int4.dequantize(b, scale, zero, torch.float32))
+err = float((layer(x).float() - ref).norm() / ref.norm())
+print(torch.backends.cpu.get_cpu_capability(), quant_int4.cpu_layout()[0], layer.kernel,
+      torch.equal(layer.plain_weight(), b), err < 1e-2)
+"""
+
+
+@NEEDS_CPU_INT4
+@pytest.mark.parametrize("level", X86_LEVELS)
+def test_the_cpu_int4_kernel_runs_packed_under_every_instruction_set_this_cpu_dispatches_to(level):
+    """Each level packs its own layout (AVX-512: 64-row blocks, AVX2 and plain C++: 32); all must be read."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("ATEN_CPU_CAPABILITY levels are x86 ones")
+    here = torch.backends.cpu.get_cpu_capability().lower()
+    if here not in X86_LEVELS or X86_LEVELS.index(level) > X86_LEVELS.index(here):
+        pytest.skip(f"this CPU dispatches up to {here}, not {level}")
+    r = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
+                       env={**os.environ, "ATEN_CPU_CAPABILITY": level})
+    assert r.returncode == 0, r.stderr
+    capability, block, kernel, same_codes, close = r.stdout.split()
+    assert capability.lower() == level and kernel == "int4_cpu" and same_codes == "True" and close == "True"
+    assert int(block) == (64 if level == "avx512" else 32)
+
+
+def avx512_packer(q: torch.Tensor, inner_k_tiles: int) -> torch.Tensor:
+    """PyTorch's AVX-512 CPU packer, from its documented layout: per 64-row block, K-major, byte j of a column
+    holding row j in the low nibble and row j + 32 in the high one."""
+    n, k = q.shape
+    blocks = q.to(torch.uint8).reshape(n // 64, 64, k).transpose(1, 2)  # [n / 64, k, 64]
+    return (blocks[..., :32] | (blocks[..., 32:] << 4)).reshape(n, k // 2)
+
+
+@pytest.fixture
+def fresh_layout():
+    quant_int4.cpu_layout.cache_clear()
+    yield
+    quant_int4.cpu_layout.cache_clear()
+
+
+def test_an_avx512_layout_is_read_and_inverted_on_any_cpu(monkeypatch, fresh_layout):
+    monkeypatch.setattr(torch, "_convert_weight_to_int4pack_for_cpu", avx512_packer, raising=False)
+    block, rows = quant_int4.cpu_layout()
+    assert block == 64 and rows[:4].tolist() == [0, 32, 1, 33]
+    b, _, _ = quant_int4.quantize(torch.randn(192, 384))
+    packed = quant_int4.pack("int4_cpu", b)
+    assert torch.equal(packed, avx512_packer(quant_int4.unpack_nibbles(b), 1))
+    assert torch.equal(quant_int4.unpack("int4_cpu", packed, 192, 384), b)
+
+
+@NEEDS_CPU_INT4
+def test_a_cpu_packer_layout_that_cannot_be_read_leaves_int4_dequantising(monkeypatch, fresh_layout):
+    x = torch.randn(2, 256).bfloat16()
+    expected = quant_layer("int4")(x)
+    Q.kernel_works.cache_clear()
+    quant_int4.cpu_layout.cache_clear()
+    real = torch._convert_weight_to_int4pack_for_cpu
+    monkeypatch.setattr(torch, "_convert_weight_to_int4pack_for_cpu", lambda q, t: real(q, t).flatten().flip(0)
+                        .reshape(q.shape[0], -1))  # a permutation across blocks: no block layout
+    assert not quant_int4.cpu_layout_known()
+    layer = quant_layer("int4")
+    assert layer.kernel == "dequant" and rel(layer(x), expected) < PACKED_BOUND
 
 
 def test_int4_quantisation_error_is_bounded_per_group():
@@ -185,7 +267,7 @@ def test_convert_int4_writes_the_device_neutral_layout_and_loads_packed(int4_dir
     assert rel(deq, src) < 0.12
     m = ns.load_model(out, dtype="bfloat16")
     layer = m.layers[0].mlp.gate_up_proj  # gate and up merged at load, then packed as one layer
-    assert m.quant == "int4" and layer.kernel == "int4_cpu"
+    assert m.quant == "int4" and layer.kernel == CPU_INT4
     assert torch.equal(layer.plain_weight()[-w.shape[0]:], w)  # what was packed at load is exactly the file's codes
 
 
@@ -227,7 +309,7 @@ def test_an_int4_file_loads_through_the_fallback_with_the_same_numbers(int4_dir,
     # k/v_proj (32 outputs) are below the CPU kernel's 64-row blocks: those two dequantise in both models, and
     # q/k/v stay apart (32 rows would split a tile of the packed layouts); gate/up merge
     assert [packed.layers[1].get_submodule(n).kernel for n in ("self_attn.q_proj", "self_attn.k_proj")] == \
-        ["int4_cpu", "dequant"]
+        [CPU_INT4, "dequant"]
     for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_up_proj", "mlp.down_proj"):
         lp, lf = packed.layers[1].get_submodule(name), plain.layers[1].get_submodule(name)
         x = torch.randn(2, lp.in_features).bfloat16()

@@ -101,3 +101,17 @@ def test_sizes_use_the_engine_limits(pack):
     assert (width["min"], width["max"], width["step"]) == (TOKEN_PIXELS, MAX_SIDE, TOKEN_PIXELS)
     check = pack[0].nodes.common.check_size
     assert check("width", MAX_SIDE) is None and str(MAX_SIDE) in check("width", MAX_SIDE + TOKEN_PIXELS)
+
+
+@pytest.mark.parametrize("native_bf16", [False, True], ids=["avx2-like cpu", "avx512-bf16 cpu"])
+def test_auto_weight_dtype_on_the_cpu_is_the_engines_rule(pack, monkeypatch, native_bf16):
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    glue = pack[0].nodes.comfy_glue
+    assert glue.default_weight_dtype(torch.device("cpu")) == (torch.bfloat16 if native_bf16 else torch.float32)
+    model = node(pack, "NextStepModelLoader").load("NextStep-1.1", "auto", "sdpa", False)[0]
+    assert model.module.image_head.net.input_proj.weight.dtype == (torch.bfloat16 if native_bf16 else torch.float32)
+    # CUDA still asks ComfyUI (the stand-in says no bf16), whatever the CPU has
+    assert glue.default_weight_dtype(torch.device("cuda")) == torch.float32
