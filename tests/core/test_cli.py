@@ -52,7 +52,7 @@ def test_head_loop_and_compile_flags_reach_the_settings(tiny_dir, tmp_path, monk
             "--dtype", "float32", "--head-loop", "plain", "--compile", "off", "-o", str(tmp_path / "p.png")]
     assert C.main(args) == 0
     assert seen[-1].head_loop == "plain" and seen[-1].compile == "off"
-    assert C.main(args[:-5] + ["-o", str(tmp_path / "f.png")]) == 0
+    assert C.main(args[:-6] + ["-o", str(tmp_path / "f.png")]) == 0
     assert seen[-1].head_loop == "fused"  # the default
 
 
