@@ -45,11 +45,13 @@ def _check(args) -> _Job:
     from ..weights.download import resolve_model
     from ..model.family import FAMILY_V1
     from .images import prepare_edit_images
+    from ..generation.keep import check_variation
     from .keep_inputs import check_keep_inputs
     from ..weights.loading import find_vae_for_model, read_model_config
     from .outputs import image_outputs, latents_output
 
-    keep = check_keep_inputs(args.init_image, args.init_latents, args.mask, args.keep_rows, args.width, args.height)
+    keep = check_keep_inputs(args.init_image, args.init_latents, args.mask, args.keep_rows, args.width, args.height,
+                             args.denoise)
     args.width, args.height = (keep.width, keep.height) if keep else (args.width, args.height)  # the init's size
     edit = bool(args.edit_image)
     given = {k: getattr(args, k) for k in SETTING_ARGS if getattr(args, k) is not None}
@@ -66,6 +68,7 @@ def _check(args) -> _Job:
     model_path = resolve_model(args.model, args.download_dir)
     model_config, source = read_model_config(model_path, family=args.family)  # config.json and file headers only
     settings = _settings(model_config.family, edit, given).validate(model_config)
+    check_variation(settings.denoise, keep is not None)
     if keep:
         keep.check_model(model_config, len(args.prompt) * settings.images_per_prompt)
     vae_path = os.path.expanduser(args.vae) if args.vae else find_vae_for_model(model_path)

@@ -59,12 +59,14 @@ class KeepInputs:
 
 
 def check_keep_inputs(init_image: str | None = None, init_latents: str | None = None, mask: str | None = None,
-                      rows: int | None = None, width: int | None = None, height: int | None = None):
+                      rows: int | None = None, width: int | None = None, height: int | None = None,
+                      denoise: float | None = None):
     """KeepInputs for the given files, or None without an init; a NextStepError says what is wrong.
 
     The init decides the image size: `width`/`height` may be None (taken from it) or must equal it.
     `mask` is an image of the output's size, white = regenerate, black = keep: a token is regenerated when any of
     its pixels is lighter than mid-grey (so JPEG noise in black areas keeps them). `rows` keeps the top token rows.
+    With a variation strength (`denoise`) neither is needed: every token is regenerated, starting from the init.
     """
     if init_image is None and init_latents is None:
         if mask is not None or rows is not None:
@@ -73,9 +75,9 @@ def check_keep_inputs(init_image: str | None = None, init_latents: str | None = 
         return None
     if init_image is not None and init_latents is not None:
         raise NextStepError("give --init-image or --init-latents, not both.")
-    if (mask is None) == (rows is None):
+    if mask is not None and rows is not None or (mask is None and rows is None and denoise is None):
         raise NextStepError("with an init, say what to keep: --mask PATH (white = regenerate) or --keep-rows K "
-                            "(not both).")
+                            "(not both), or vary all of it with --denoise.")
     if init_image is not None:
         pixels = _read_image(init_image, "--init-image")
         found = dict(pixels=pixels[None])
@@ -89,6 +91,8 @@ def check_keep_inputs(init_image: str | None = None, init_latents: str | None = 
     h, w = size[1] // TOKEN_PIXELS, size[0] // TOKEN_PIXELS
     if rows is not None:
         keep = keep_rows(rows, h, w)[None]
+    elif mask is None:  # a variation of the whole image
+        keep = torch.zeros(1, h * w, dtype=torch.bool)
     else:
         regen = _read_image(mask, "--mask").mean(0, keepdim=True)  # grey
         if tuple(regen.shape[-2:]) != (size[1], size[0]):

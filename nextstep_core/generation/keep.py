@@ -25,6 +25,13 @@ from .prompt import patchify
 from .settings import is_whole_number
 
 
+def check_variation(denoise: float, has_init: bool) -> None:
+    """A variation strength below 1 starts tokens from an init: without one there is nothing to start from."""
+    if denoise < 1 and not has_init:
+        raise NextStepError(f"denoise {denoise} varies an image: it needs an init (a latent, --init-image or "
+                            "--init-latents) to start from; without one, set denoise to 1.")
+
+
 def keep_rows(k: int, h: int, w: int) -> torch.Tensor:
     """Keep mask [h*w] that keeps the top k token rows (16 pixels each) and regenerates the rest."""
     _check_grid(h, w)

@@ -23,7 +23,7 @@ from ..errors import GenerationCancelled, NextStepError
 from ..model.attention import RowSlots, prefill_mask
 from ..model.family import family_of
 from . import graph
-from .keep import TokenInit
+from .keep import TokenInit, check_variation
 from .memory import check_fits
 from .noise import NoiseSource
 from .plan import GenerationPlan
@@ -251,9 +251,7 @@ def sample(model, cond: Conditioning, settings: SamplerSettings | None = None, p
     plan = GenerationPlan(s, family_of(mcfg), h, w, branches, batch.input_ids.shape[1],
                           len(cond.prompts) * s.images_per_prompt)
     forced = init.resolve(plan.n_img, h, w, mcfg.token_dim) if init is not None else None
-    if s.denoise < 1 and forced is None:
-        raise NextStepError(f"denoise {s.denoise} varies an image: it needs an init (a latent, --init-image or "
-                            "--init-latents) to start from; without one, set denoise to 1.")
+    check_variation(s.denoise, forced is not None)
     if forced is not None and s.denoise == 0:  # nothing to regenerate: every token is its init, exactly
         forced = (forced[0], torch.ones_like(forced[1]))
     inits = forced[0] if forced is not None and s.denoise < 1 else None

@@ -181,6 +181,26 @@ def test_cli_reroll_from_saved_latents_reproduces_then_varies(tiny_dir, tmp_path
     assert np.array_equal(b[:, :3], a[:, :3]) and not np.array_equal(b[:, 3:], a[:, 3:])
 
 
+def test_cli_denoise_zero_returns_the_init_one_the_fresh_image_and_half_lies_between(tiny_dir, tmp_path):
+    _generate(tiny_dir, tmp_path / "a.png", "--seed", "5", "--width", "48", "--height", "32", "--save-latents",
+              str(tmp_path / "a.npz"))
+    _generate(tiny_dir, tmp_path / "f.png", "--seed", "9", "--width", "48", "--height", "32", "--save-latents",
+              str(tmp_path / "fresh.npz"))
+    for d in ("0", "0.5", "1"):
+        _generate(tiny_dir, tmp_path / f"{d}.png", "--seed", "9", "--init-latents", str(tmp_path / "a.npz"),
+                  "--denoise", d, "--save-latents", str(tmp_path / f"d{d}.npz"))
+    a, fresh, zero, half, one = (np.load(tmp_path / f"{n}.npz")["tokens"] for n in ("a", "fresh", "d0", "d0.5", "d1"))
+    assert np.array_equal(zero, a)  # the init itself
+    assert np.array_equal(one, fresh)  # a fresh image of the same seed
+    assert 0 < np.abs(half - a).sum() < np.abs(one - a).sum()
+
+
+def test_cli_denoise_below_one_without_an_init_is_refused_before_loading(tiny_dir, tmp_path, capsys, no_loading):
+    code, _, err = run_main(capsys, "generate", "--model", tiny_dir, "--prompt", "x", "--denoise", "0.5",
+                            "-o", str(tmp_path / "x.png"))
+    assert code == 2 and "needs an init" in one_error_line(err)
+
+
 def test_cli_inpaints_from_an_image_and_a_mask(tiny_dir, tiny_vae, tmp_path):
     pixels = np.random.default_rng(1).integers(0, 255, (32, 48, 3))
     mask = np.zeros((32, 48))
