@@ -64,7 +64,8 @@ class NextStepModelLoader:
             dtype = WEIGHT_DTYPES[weight_dtype] or glue.default_weight_dtype(glue.mm.get_torch_device())
             model = ns.load_model(path, dtype=dtype, device=glue.mm.unet_offload_device(),
                                   operations=glue.operations_for(dtype, dtype), attn_backend=ATTENTION[attention],
-                                  quantize=weight_dtype if weight_dtype in QUANTISED else None, family=family)
+                                  quantize=weight_dtype if weight_dtype in QUANTISED else None, family=family,
+                                  target_device=glue.mm.get_torch_device())  # quantised weights packed once, there
             return (glue.Managed(model, glue.make_patcher(model), path),)
 
 

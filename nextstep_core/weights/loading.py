@@ -337,7 +337,8 @@ def load_tokenizer(src: Source):
 
 
 def load_model(path: str, dtype="bfloat16", device=None, operations=None, attn_backend: str = "sdpa",
-               load_lm_head: bool = False, quantize: str | None = None, family: str | None = AUTO):
+               load_lm_head: bool = False, quantize: str | None = None, family: str | None = AUTO,
+               target_device=None):
     """Load a NextStep AR model (decoder, projectors, flow-matching head) and its tokenizer.
 
     `family`: "auto" decides NextStep-1 or 1.1 by the rule in identify.py and logs the decision with its reason
@@ -347,10 +348,12 @@ def load_model(path: str, dtype="bfloat16", device=None, operations=None, attn_b
     skipped unless `load_lm_head`, since image generation never reads it. Weights stored in fp8/int8/int4
     by `convert` stay so; `quantize="fp8"|"int8"|"int4"` quantises a bf16/fp32 checkpoint the same way while
     loading (tensor by tensor, so the unquantised model is never in memory). `dtype` is the compute dtype.
+    `target_device`: where the model will run when it is loaded elsewhere first (a host that offloads, as ComfyUI
+    does): quantised weights are then packed for their kernels once, when they get there.
     """
     from .cpu_pack import pack_linears
     from ..model.decoder import NextStep
-    from .quant import QUANT_FORMATS, QUANT_SUFFIXES, prepare_quantized, quantized_operations
+    from .quant import QUANT_FORMATS, QUANT_SUFFIXES, dense_head, prepare_quantized, quantized_operations
 
     cfg, src = read_model_config(path, family)
     dtype, device = parse_dtype(dtype), torch.device(device or "cpu")
@@ -401,7 +404,9 @@ def load_model(path: str, dtype="bfloat16", device=None, operations=None, attn_b
                    .to(device, dtype))
     model.fuse_projections()  # q/k/v and gate/up as one matmul each, built once from the published tensors
     if quant:
-        prepare_quantized(model, dtype)  # each layer's kernel for this device (probed once), packed weights
+        if quant == "fp8":
+            dense_head(model, dtype)  # fp8 keeps the head in the compute dtype (older files quantised it)
+        prepare_quantized(model, dtype, target_device)  # each layer's kernel for its device, packed once
     if load_lm_head and "lm_head.weight" not in src.shapes:
         model.lm_head.weight = model.embed_tokens.weight
     model.tokenizer = tok

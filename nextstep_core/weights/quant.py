@@ -6,14 +6,22 @@ layer runs is decided once, when the model is loaded or moved to another device 
 probe per kernel and device that also checks the numbers); a layer whose kernel is missing or fails dequantises
 instead: its codes cast to the compute dtype, one matmul, the per-channel scale applied to the output.
 
-fp8 is weight-only by default (dequantised as above). `NEXTSTEP_FP8_MATMUL=1` (read at load) instead quantises the
-activations per row and multiplies in fp8 through `torch._scaled_mm` on GPUs that have it; that path is not the
-default until a GPU measurement shows it faster.
+fp8 multiplies on fp8 tensor cores where the GPU has them (CUDA compute capability 8.9 and up: Ada, Hopper and
+later): the activations are quantised per row (scale = amax / 448) and `torch._scaled_mm` multiplies in fp8 with the
+weights' per-row scales, so a layer reads one byte per weight instead of casting all of it to bf16 on every call.
+Elsewhere fp8 weights dequantise, which is slower than bf16 (the loader says so once). `NEXTSTEP_FP8_MATMUL`
+(read at load) overrides the choice: 1 uses `_scaled_mm` wherever it runs (a CPU too: slow there, but the numbers
+can be checked), 0 never.
 
-Which layers are quantised is decided when a file is written (`stored_format`): int8 / fp8 take the decoder's
-projections and the head's residual blocks; int4 takes the decoder's projections only (int4's error is too large
-for the head, which runs 50 times per token). Embeddings, projectors, norms and the head's other layers stay in
-high precision. A layer int4 cannot take (in_features not a multiple of 128, out_features not of 8) is stored as
+Which layers are quantised is decided when a file is written (`stored_format`): int8 takes the decoder's projections
+and the head's residual blocks; int4 and fp8 take the decoder's projections only (int4's error is too large for the
+head, which runs 50 times per token; at a decode step's 2 rows, fp8's quantise-then-multiply would cost the head
+more than it saves). The head layers of fp8 files written before that are dequantised to the compute dtype at load.
+Embeddings, projectors, norms and the head's other layers stay in high precision.
+
+An int4 / int8 model loaded on one device for another (ComfyUI loads on the CPU and moves the model to the GPU when
+it runs, `prepare_quantized(target=...)`) keeps the file layout until it reaches the target, so its weights are
+packed once, for the device that multiplies them. A layer int4 cannot take (in_features not a multiple of 128, out_features not of 8) is stored as
 int8 instead. q/k/v and gate/up are merged at load (`merge.py`) in the file layout, before `prepare` packs them.
 """
 from __future__ import annotations
@@ -38,8 +46,9 @@ PACKED_ROWS = 16  # above this many rows the CPU's packed kernels are slower tha
 _FP8_MAX = 448.0
 _DECODER = r"layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
 _HEAD = r"image_head\.net\.res_blocks\.\d+\.(mlp\.[02]|adaLN_modulation\.1)"
-_KEYS = {"fp8": re.compile(rf"^({_DECODER}|{_HEAD})\.weight$"), "int8": re.compile(rf"^({_DECODER}|{_HEAD})\.weight$"),
+_KEYS = {"fp8": re.compile(rf"^{_DECODER}\.weight$"), "int8": re.compile(rf"^({_DECODER}|{_HEAD})\.weight$"),
          "int4": re.compile(rf"^{_DECODER}\.weight$")}
+FP8_SCALED_MM_TOLERANCE = 0.05  # activations rounded to e4m3 (3 mantissa bits): about 3 % of the product's norm
 # what torch raises for an op this build, device or GPU generation does not have
 _UNSUPPORTED = (RuntimeError, NotImplementedError, TypeError, AttributeError, ValueError, AssertionError)
 
@@ -176,9 +185,15 @@ def kernel_works(kernel: str, device: str, dtype: torch.dtype) -> bool:
         log.info("NextStep: %s is unavailable on %s in %s (%s); dequantising instead", kernel, device, dtype,
                  str(e).splitlines()[0] if str(e) else type(e).__name__)
         return False
-    if err > 0.02:
+    tol = FP8_SCALED_MM_TOLERANCE if kernel == "fp8_scaled_mm" else 0.02
+    if err > tol:
         log.warning("NextStep: %s on %s gives wrong numbers (rel err %.3g); dequantising instead", kernel, device, err)
-    return err <= 0.02
+    return err <= tol
+
+
+def fp8_tensor_cores(device: torch.device) -> bool:
+    """Whether the device multiplies fp8 natively: CUDA compute capability 8.9 or newer."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def _int4_table_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -193,8 +208,9 @@ def _choose_kernel(fmt: str, device: torch.device, dtype: torch.dtype, shape) ->
         candidate = quant_int4.kernel_for(device)
         candidate = candidate if candidate and quant_int4.shape_ok(candidate, *shape) else None
     else:
-        native = os.environ.get("NEXTSTEP_FP8_MATMUL", "0") == "1" and device.type == "cuda"
-        candidate = "fp8_scaled_mm" if native and dtype != torch.float32 and shape[1] % 16 == 0 else None
+        forced = os.environ.get("NEXTSTEP_FP8_MATMUL", "")
+        native = forced == "1" or (forced != "0" and fp8_tensor_cores(device))
+        candidate = "fp8_scaled_mm" if native and shape[0] % 16 == 0 and shape[1] % 16 == 0 else None
     return candidate if candidate and kernel_works(candidate, str(device), dtype) else "dequant"
 
 
@@ -209,6 +225,7 @@ def make_quant_linear(base: type) -> type:
     class QuantLinear(base):
         # set by `prepare`: dense (not quantised), int8_pack, int4_cpu, int4_gpu, fp8_scaled_mm or dequant
         kernel = "dense"
+        target = None  # the device the kernel is chosen for; elsewhere the file layout is kept (`prepare`)
         host_linear = base
         fmt = None
         compute_dtype = None
@@ -221,15 +238,22 @@ def make_quant_linear(base: type) -> type:
             self.register_buffer("scale_c", None, persistent=False)
             self.register_buffer("scales_and_zeros", None, persistent=False)
 
-        def prepare(self, dtype: torch.dtype) -> None:
-            """Pick this layer's kernel for its device and lay the weight out for it (at load, after a move)."""
+        def prepare(self, dtype: torch.dtype, target=None) -> None:
+            """Pick this layer's kernel for its device and lay the weight out for it (at load, after a move). Away
+            from the `target` device (kept from the first call) the weight stays in the file layout, unpacked."""
             if self.weight_scale is None or self.weight.device.type == "meta":
                 return
             self._unpack()
             self.fmt = "int4" if self.weight_zero is not None else \
                 "fp8" if self.weight.dtype == torch.float8_e4m3fn else "int8"
             self.compute_dtype = dtype
+            self.target = torch.device(target) if target is not None else self.target
+            if self.target is not None and not _same_device(self.weight.device, self.target):
+                self.kernel, self.scale_c = "dequant", self.weight_scale.to(dtype) if self.fmt != "int4" else None
+                return
             self.kernel = _choose_kernel(self.fmt, self.weight.device, dtype, (self.out_features, self.in_features))
+            if self.fmt == "fp8" and self.kernel == "dequant":
+                _warn_fp8_dequantises(self.weight.device, dtype)
             self.scale_c = self.weight_scale.to(dtype) if self.fmt != "int4" else None
             if self.kernel.startswith("int4_"):
                 sz = quant_int4.scales_and_zeros(self.weight_scale, self.weight_zero,
@@ -315,14 +339,41 @@ def make_quant_linear(base: type) -> type:
     return QuantLinear
 
 
-def prepare_quantized(model: nn.Module, dtype: torch.dtype) -> dict:
-    """Choose every quantised layer's kernel and pack its weight for the device; returns {kernel: layer count}."""
+def prepare_quantized(model: nn.Module, dtype: torch.dtype, target=None) -> dict:
+    """Choose every quantised layer's kernel and pack its weight for the device (or, with a `target` device the
+    model will move to, keep the file layout until it is there); returns {kernel: layer count}."""
     counts = {}
     for m in model.modules():
         if hasattr(m, "prepare") and getattr(m, "weight_scale", None) is not None:
-            m.prepare(dtype)
+            m.prepare(dtype, target)
             counts[m.kernel] = counts.get(m.kernel, 0) + 1
     return counts
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fp8_dequantises(device: torch.device, dtype: torch.dtype) -> None:
+    """Once per device: fp8 weights that dequantise (no fp8 matmul there) run slower than bf16 weights would."""
+    log.warning("NextStep: %s has no fp8 matmul (it needs a CUDA GPU of compute capability 8.9 or newer: Ada, "
+                "Hopper and later): fp8 weights are cast to %s on every call there, which is slower than bf16 "
+                "weights. For less memory at full speed on this device, use an int8 or int4 file.", device, dtype)
+
+
+def dense_head(model: nn.Module, dtype: torch.dtype) -> int:
+    """The head's quantised layers of an fp8 file written when fp8 still took the head, dequantised to `dtype`
+    (the head stays in high precision in fp8 mode); returns how many."""
+    n = 0
+    for m in model.image_head.modules():
+        if getattr(m, "weight_scale", None) is not None and m.weight.dtype == torch.float8_e4m3fn:
+            w = dequantize_weight(m.weight.data, m.weight_scale, dtype)
+            m.weight = nn.Parameter(w, requires_grad=False)
+            m.weight_scale = m.scale_c = None
+            m.kernel, m.fmt = "dense", None
+            n += 1
+    return n
 
 
 def use_reference_kernels(model: nn.Module) -> None:
