@@ -17,6 +17,8 @@ import comfy.model_patcher
 import comfy.ops
 import comfy.utils
 
+from ..nextstep_core.errors import NextStepError
+
 from ..nextstep_core.frontend.devices import auto_dtype
 
 PREVIEW_FRAMES = 32  # previews per image: about one per row of tokens at square sizes, cheap next to a token
@@ -90,9 +92,25 @@ def default_weight_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_to_device(managed: Managed, extra_bytes: int = 0) -> torch.device:
-    """Asks ComfyUI to place the model on its compute device, freeing others until `extra_bytes` also fit."""
+    """Asks ComfyUI to place the model on its compute device, freeing others until `extra_bytes` also fit.
+
+    A quantised model that ComfyUI could only load in part (low-VRAM mode keeps the rest in system memory and casts
+    it per call) is refused: a quantised layer left behind would be unpacked and dequantised on every call."""
     mm.load_models_gpu([managed.patcher], memory_required=max(0, int(extra_bytes)))
+    quant = getattr(managed.module, "quant", None)
+    if quant and partially_loaded(managed.patcher):
+        size = mm.module_size(managed.module) / 2**30
+        raise NextStepError(
+            f"this {quant} model ({size:.1f} GB) does not fit in the GPU's free memory, and ComfyUI's low-VRAM mode "
+            "(part of the weights in system memory) cannot run quantised NextStep layers. Unload other models, or "
+            "use a smaller file: int4 (about 9 GB) fits a 12 GB card, fp8 / int8 (about 15 GB) a 16-24 GB one.")
     return managed.patcher.load_device
+
+
+def partially_loaded(patcher) -> bool:
+    """Whether ComfyUI left part of the model in system memory (`model_lowvram`: on the patcher in the March-2024
+    ComfyUI, on its model since)."""
+    return bool(getattr(patcher, "model_lowvram", False) or getattr(patcher.model, "model_lowvram", False))
 
 
 def intermediate_device() -> torch.device:

@@ -115,3 +115,23 @@ def test_auto_weight_dtype_on_the_cpu_is_the_engines_rule(pack, monkeypatch, nat
     assert model.module.image_head.net.input_proj.weight.dtype == (torch.bfloat16 if native_bf16 else torch.float32)
     # CUDA still asks ComfyUI (the stand-in says no bf16), whatever the CPU has
     assert glue.default_weight_dtype(torch.device("cuda")) == torch.float32
+
+
+@pytest.mark.parametrize("where", ["patcher", "model"])  # March 2024 ComfyUI / since: where model_lowvram lives
+def test_a_quantised_model_comfyui_could_only_load_in_part_is_refused_with_the_sizes_that_fit(pack, where):
+    glue = pack[0].nodes.comfy_glue
+    mm = glue.mm
+    loader = node(pack, "NextStepModelLoader")
+    model = loader.load("NextStep-1.1", "int8", "sdpa", False)[0]
+    assert model.module.quant == "int8"
+    glue.load_to_device(model)  # loaded whole: fine
+
+    def partial_load(models, memory_required=0):
+        target = models[0] if where == "patcher" else models[0].model
+        target.model_lowvram = True
+
+    mm.load_models_gpu = partial_load
+    with pytest.raises(glue.NextStepError, match="low-VRAM mode.*cannot run quantised.*int4 \\(about 9 GB\\) fits a 12 GB"):
+        glue.load_to_device(model)
+    plain = loader.load("NextStep-1.1", "fp32", "sdpa", False)[0]
+    glue.load_to_device(plain)  # a bf16 / fp32 model streams through ComfyUI's cast layers as any model does
