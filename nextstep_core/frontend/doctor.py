@@ -14,7 +14,11 @@ int8, int4, fp8) on the same prompt, seed and noise. Per path it reports:
 - `kernels_per_token`: kernels launched for the second image token on a GPU, or leaf operator calls on a CPU, counted
   by torch.profiler;
 - `peak_mem_mb`: peak memory allocated on the device during the path (on the CPU: the process's peak RSS);
-- `attention` (the SDPA kernels found working) and `kernels` (how many quantised layers run which matmul).
+- `compiled`: whether the step's blocks ran through torch.compile (the "+compile" paths; on the CPU one fp32 path
+  is compiled to check it, on CUDA every format has a compiled and an uncompiled graph path);
+- `matmul` (quantised formats: scaled_mm, int8pack, int4pack or dequant), `kernels` (how many quantised layers run
+  which), and `attention` (the SDPA kernels found working). Where the device has no fp8 matmul (a CPU), fp8 also
+  runs once with `_scaled_mm` forced on, to check its numbers.
 
 A path is `ok` when it ran, stayed on the path asked for (no fallback) and its error is within the bound for its
 compute dtype (`BOUNDS`). The exit status is 1 when any path is not ok. Random weights: these numbers bound numerical
@@ -42,11 +46,17 @@ PROMPT = "a red fox in the snow, golden hour"
 HEAD_BLOCKS = 2  # of the real 12: the head's speed per block is what matters, and the report must stay quick
 
 
+MATMUL = {"fp8_scaled_mm": "scaled_mm", "int8_pack": "int8pack", "int4_cpu": "int4pack", "int4_gpu": "int4pack",
+          "dequant": "dequant"}
+
+
 @dataclass
 class PathReport:
-    name: str  # graph, static or eager
+    name: str  # graph, static or eager; "+compile" when its blocks run through torch.compile
     dtype: str  # the weight format
     ok: bool = False
+    compiled: bool = False
+    matmul: str | None = None  # quantised formats: scaled_mm, int8pack, int4pack or dequant (several: joined by +)
     max_token_err: float | None = None
     tokens_per_s: float | None = None
     kernels_per_token: int | None = None
@@ -56,16 +66,34 @@ class PathReport:
     error: str | None = None
 
 
-def _paths(device) -> list[str]:
+def _paths(device, fmt: str) -> list[str]:
+    """The per-token paths run for a weight format: graph (on CUDA) and static, each compiled where compiling is
+    the default (CUDA) and once uncompiled, and the plain loop; the CPU compiles one path (fp32) to check it."""
     from ..generation.graph import graphs_available
 
-    return (["graph"] if graphs_available(device) else []) + ["static", "eager"]
+    fixed = "graph" if graphs_available(device) else "static"
+    compiled = [f"{fixed}+compile"] if device.type == "cuda" or fmt == "fp32" else []
+    return compiled + [fixed] + (["static"] if fixed == "graph" else []) + ["eager"]
+
+
+def _variants(device, fmt: str) -> list[tuple[dict, list[str]]]:
+    """(environment while loading, paths) per model a format is loaded as: on devices without fp8 matmul, fp8 also
+    once through `_scaled_mm` forced on (its numbers checked, whatever its speed there)."""
+    from ..weights.quant import fp8_tensor_cores
+
+    variants = [({}, _paths(device, fmt))]
+    if fmt == "fp8" and not fp8_tensor_cores(device) and device.type != "mps":
+        variants.append(({"NEXTSTEP_FP8_MATMUL": "1"}, ["eager"]))
+    return variants
 
 
 def _settings(path: str):
+    """The settings of a path name: "graph+compile" is fast graph with compile on, "static" compile off, ..."""
     from ..generation.settings import family_defaults
 
-    return family_defaults("nextstep-1").replace(width=48, height=32, steps=4, seed=7, fast=path)  # 6 tokens
+    fast, _, compiled = path.partition("+")
+    return family_defaults("nextstep-1").replace(width=48, height=32, steps=4, seed=7, fast=fast,  # 6 tokens
+                                                 compile="on" if compiled else "off")
 
 
 def _make_checkpoint(folder: str, layers: int, size: str) -> str:
@@ -126,6 +154,16 @@ def _generate(model, path: str, measure: bool = False):
     return res, seen.get("kernels"), seen.get("rate")
 
 
+def _profile_compiled_kernels() -> None:
+    """Inductor's CPU kernels are no ATen calls: have each one record itself, so the profiler counts them too."""
+    try:
+        import torch._inductor.config as inductor
+
+        inductor.cpp.enable_kernel_profile = True
+    except (ImportError, AttributeError):  # an older torch: compiled CPU kernels go uncounted there
+        pass
+
+
 def _now(device) -> float:
     import torch
 
@@ -160,7 +198,9 @@ class _Profiler:
             from torch.autograd import DeviceType
 
             return sum(1 for e in events if e.device_type == DeviceType.CUDA)
-        return sum(1 for e in events if e.name.startswith("aten::") and not e.cpu_children)
+        # leaf ATen calls, and the kernels Inductor generated (each records itself: `_profile_compiled_kernels`)
+        return sum(1 for e in events if (e.name.startswith("aten::") and not e.cpu_children)
+                   or "_cpp_fused_" in e.name)
 
 
 @contextlib.contextmanager
@@ -224,8 +264,10 @@ def _kernel_counts(model) -> dict:
 def _run_path(model, name: str, fmt: str, reference, bound: float) -> PathReport:
     from ..model.attention import backend_names
 
-    rep = PathReport(name, fmt, attention=backend_names(model.device, model.dtype, model.config.head_dim),
-                     kernels=_kernel_counts(model))
+    kernels = _kernel_counts(model)
+    rep = PathReport(name, fmt, compiled=name.endswith("+compile"), kernels=kernels,
+                     matmul="+".join(sorted({MATMUL.get(k, k) for k in kernels})) or None,
+                     attention=backend_names(model.device, model.dtype, model.config.head_dim))
     try:
         _peak_reset(model.device)
         res, rep.kernels_per_token, rep.tokens_per_s = _generate(model, name, measure=True)
@@ -246,6 +288,7 @@ def run(device=None, layers: int | None = None, formats=FORMATS, out=print, size
     (`testing.SIZES`; "full" is the real model's, smaller ones are for tests)."""
     import torch
 
+    _profile_compiled_kernels()
     from ..weights.loading import check_dtype_supported, parse_dtype
     from .devices import resolve_device
 
@@ -271,16 +314,32 @@ def run(device=None, layers: int | None = None, formats=FORMATS, out=print, size
                 ref_model = _load(ckpt, ref_key, dev, reference=True)
                 reference[ref_key] = _generate(ref_model, "eager")[0].tokens
                 del ref_model
-            model = _load(ckpt, fmt, dev)
-            for name in _paths(dev):
-                rep = _run_path(model, name, fmt, reference[ref_key], BOUNDS.get(str(model.dtype)[6:], 0.2))
-                report["paths"].append(asdict(rep))
-                out(_line(rep))
-            del model
+            for env, paths in _variants(dev, fmt):
+                with _environment(env):
+                    model = _load(ckpt, fmt, dev)
+                for name in paths:
+                    rep = _run_path(model, name, fmt, reference[ref_key], BOUNDS.get(str(model.dtype)[6:], 0.2))
+                    report["paths"].append(asdict(rep))
+                    out(_line(rep))
+                del model
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     report["ok"] = all(p["ok"] for p in report["paths"])
     return report
+
+
+@contextlib.contextmanager
+def _environment(values: dict):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _unsupported(fmt, dtype, dev, check, parse) -> str | None:
@@ -309,8 +368,8 @@ def _line(rep: PathReport) -> str:
         return "-" if v is None else format(v, f)
 
     status = "ok" if rep.ok else f"FAIL: {rep.error}"
-    quant = ", ".join(f"{k} x{n}" for k, n in sorted(rep.kernels.items()))
-    return (f"{rep.dtype:>5} {rep.name:>6}: err {num(rep.max_token_err, '.2e')}  {num(rep.tokens_per_s, '.2f')} tok/s  "
+    quant = ", ".join(f"{MATMUL.get(k, k)} x{n}" for k, n in sorted(rep.kernels.items()))
+    return (f"{rep.dtype:>5} {rep.name:>14}: err {num(rep.max_token_err, '.2e')}  {num(rep.tokens_per_s, '.2f')} tok/s  "
             f"{num(rep.kernels_per_token, 'd')} kernels/token  peak {num(rep.peak_mem_mb, '.0f')} MB  "
             f"attention {'+'.join(rep.attention)}{'  ' + quant if quant else ''}  {status}")
 

@@ -16,14 +16,16 @@ def report():
 
 def test_every_cpu_path_in_every_format_runs_and_is_within_its_bound(report):
     assert report["ok"] and report["device"].startswith("cpu")
-    ran = {(p["name"], p["dtype"]) for p in report["paths"] if not p.get("skipped")}
-    assert ran == {(name, fmt) for name in ("static", "eager") for fmt in doctor.FORMATS}
+    ran = [(p["name"], p["dtype"], p["matmul"]) for p in report["paths"] if not p.get("skipped")]
+    assert {(n, f) for n, f, _ in ran} >= {(name, fmt) for name in ("static", "eager") for fmt in doctor.FORMATS}
+    assert ("static+compile", "fp32", None) in ran  # the compiled step, checked on the CPU
+    assert ("eager", "fp8", "scaled_mm") in ran and ("eager", "fp8", "dequant") in ran  # fp8 both ways on a CPU
     for p in report["paths"]:
         assert p["max_token_err"] is not None and p["tokens_per_s"] > 0 and p["kernels_per_token"] > 0
-        assert p["peak_mem_mb"] > 0 and p["attention"]
+        assert p["peak_mem_mb"] > 0 and p["attention"] and p["compiled"] == p["name"].endswith("+compile")
+        assert (p["matmul"] is None) == (p["dtype"] in ("fp32", "bf16", "fp16"))
     fp32 = [p for p in report["paths"] if p["dtype"] == "fp32"]
     assert all(p["max_token_err"] < 1e-4 for p in fp32)  # the plain fp32 loop is the reference itself
-    assert {k for p in report["paths"] if p["dtype"] in ("int8", "int4", "fp8") for k in p["kernels"]}
 
 
 def test_a_wrong_path_fails_the_report_and_the_command(monkeypatch, tmp_path, capsys):
