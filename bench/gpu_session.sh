@@ -12,7 +12,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
-timeout 45 "$PY" -m pytest -q -p no:cacheprovider tests/core/test_graph.py tests/core/test_merge.py -k cuda -rs \
+timeout 45 "$PY" -m pytest -q -p no:cacheprovider tests/core/generation/test_graph.py tests/core/model/test_merge.py tests/core/model/test_host_embedding.py -k cuda -rs \
     2>&1 | tee "$OUT/cuda_tests.txt"
 timeout 70 "$PY" -m nextstep_core doctor --device cuda --json "$OUT/doctor.json" 2>&1 | tee "$OUT/doctor.txt"
 timeout 175 "$PY" bench/bench_gpu.py --budget 165 --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log"

@@ -1,6 +1,6 @@
 """Writes `step_goldens.npz`: the eager per-token loop's tokens for every kind of generation, taken from the engine
 as it was before the per-token step was unified (issue "One per-token step", commit 67f00f1), so that the refactor
-can be held to bit-identity (`tests/core/test_step_goldens.py`).
+can be held to bit-identity (`tests/core/generation/test_step_goldens.py`).
 
     python -m tests.core.golden.make_step_goldens        # from the repository root; one thread, fp32, CPU
 

@@ -13,7 +13,7 @@ from nextstep_core.errors import CheckpointError, NextStepError
 from nextstep_core.weights.identify import recorded_repo
 from nextstep_core.weights.testing import write_official_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 @pytest.fixture

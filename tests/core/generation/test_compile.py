@@ -91,6 +91,7 @@ def test_the_compiled_step_is_whole_graphs_that_never_recompile_and_gives_the_pl
     from torch._dynamo.utils import counters
 
     assert compiling.compile_support("cpu") is None  # its probe compiles a graph of its own: before counting
+    torch._dynamo.reset()  # nothing compiled by earlier tests in this process
     counters.clear()
     model.release_step_cache()
     runs = [(Conditioning(["a cat"]), dict()),

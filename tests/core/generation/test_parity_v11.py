@@ -30,7 +30,7 @@ import nextstep_core as ns
 from tests.core.golden_checks import assert_matches_golden, assert_same_prompt_ids, settings_of
 from nextstep_core.generation import loop as generation
 
-HERE = os.path.join(os.path.dirname(__file__), "golden")
+HERE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "golden")
 CASES = json.load(open(os.path.join(HERE, "cases_v11.json")))
 IDS = [c["name"] for c in CASES]
 

@@ -12,7 +12,7 @@ import torch
 
 from tests.core.golden.step_golden_cases import CASES, run_case
 
-GOLDEN = np.load(os.path.join(os.path.dirname(__file__), "golden", "step_goldens.npz"))
+GOLDEN = np.load(os.path.join(os.path.dirname(os.path.dirname(__file__)), "golden", "step_goldens.npz"))
 SAME_PLATFORM = (str(GOLDEN["capability"]) == torch.backends.cpu.get_cpu_capability()
                  and str(GOLDEN["torch"]) == torch.__version__.split("+")[0])
 

@@ -8,7 +8,7 @@ import nextstep_core.weights.quant as Q
 from nextstep_core.weights.convert import convert
 from nextstep_core.model.merge import merge_linears
 from nextstep_core.model.decoder import NextStep
-from tests.core.test_quant_packed import CPU_INT4
+from tests.core.weights.test_quant_packed import CPU_INT4
 
 # every decoder projection a whole number of int4's 64-row tiles: q 256, k / v 64 (4 heads, 1 kv head of 64)
 TILED = dict(hidden_size=256, intermediate_size=256, head_dim=64, num_key_value_heads=1)

@@ -32,7 +32,7 @@ def test_bf16_load_of_fp32_shards_peaks_near_the_bf16_size(medium_dir):
     psutil = pytest.importorskip("psutil")
     del psutil
     out = subprocess.run([sys.executable, "-c", PROBE, medium_dir], capture_output=True, text=True, check=True,
-                         cwd=str(__import__("pathlib").Path(__file__).parents[2]))
+                         cwd=str(__import__("pathlib").Path(__file__).parents[3]))
     r = json.loads(out.stdout.strip().splitlines()[-1])
     fp32 = 2 * r["weights"]
     assert r["weights"] > 300 * 2**20  # a checkpoint of a few hundred MB (about 770 MB in fp32)

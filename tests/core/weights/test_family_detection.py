@@ -22,7 +22,7 @@ from nextstep_core.frontend.info import describe
 from nextstep_core.weights.loading import read_model_config
 from nextstep_core.weights.testing import write_official_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 GOLDEN = os.path.join(ROOT, "tests", "core", "golden")
 HINT = "--family nextstep-1|nextstep-1.1"
 

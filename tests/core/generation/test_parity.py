@@ -14,7 +14,7 @@ from PIL import Image
 import nextstep_core as ns
 from tests.core.golden_checks import assert_matches_golden, assert_same_prompt_ids, settings_of
 
-HERE = os.path.join(os.path.dirname(__file__), "golden")
+HERE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "golden")
 CASES = json.load(open(os.path.join(HERE, "cases.json")))
 
 

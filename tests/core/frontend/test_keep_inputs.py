@@ -12,7 +12,7 @@ from nextstep_core import (Conditioning, NextStepError, SamplerSettings, TokenIn
                            encode_latents, keep_from_noise_mask, keep_rows, sample)
 from nextstep_core.generation.prompt import patchify
 from nextstep_core.frontend.keep_inputs import check_keep_inputs
-from tests.core.test_cli import cli, one_error_line, run_main
+from tests.core.frontend.test_cli import cli, one_error_line, run_main
 
 
 # ---- noise_mask, read as core KSampler reads it ----------------------------------------------------------------

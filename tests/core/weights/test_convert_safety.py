@@ -21,7 +21,7 @@ from nextstep_core.frontend.info import size_text
 from nextstep_core.weights import convert as C
 from nextstep_core.weights.st_io import TensorReader
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def _copy(tiny_dir, tmp_path, name="m"):
