@@ -42,7 +42,7 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import dump_json, env_info, proc_status, rel_err, table, weight_bytes  # noqa: E402
-from gpu_checks import fp32_graph_vs_eager, head_vs_decoder, recapture, sdpa_info, sync  # noqa: E402
+from gpu_checks import fp32_graph_vs_eager, head_vs_decoder, recapture, sdpa_info, sync, time_call  # noqa: E402
 
 T_START = time.perf_counter()
 QWEN_VOCAB = 152064
@@ -222,7 +222,6 @@ def timed_sample(model, dev, fast: str, n_img: int, max_tokens: int, cap_s: floa
 
 def quant_layer(w, fmt: str, dtype):
     """A QuantLinear holding `w` quantised as `fmt`, prepared (kernel chosen, packed) for w's device."""
-    import torch
     from torch import nn
 
     from nextstep_core.weights.quant import make_quant_linear, quantized_tensors
@@ -248,14 +247,7 @@ def kernel_bench(dev, dtype, reps: int = 50):
     out = {}
 
     def t(f):
-        for _ in range(3):
-            f()
-        sync(dev)
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            f()
-        sync(dev)
-        return (time.perf_counter() - t0) / reps
+        return time_call(f, dev, reps, warm=3)
 
     for shape_name, (n_out, n_in) in SHAPES.items():
         w = torch.randn(n_out, n_in, device=dev, dtype=dtype) / n_in**0.5

@@ -14,15 +14,15 @@ not counted.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from common import dump_json  # noqa: E402  (it also puts the repository on sys.path)
 
 LAYERS = 48
 GB = 1e9
@@ -83,8 +83,7 @@ def main(argv=None) -> int:
     print("\ngeneration (estimate):", {n: {k: round(v / GB, 2) for k, v in g.items()} for n, g in
                                        out["generation"].items()})
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
+        dump_json(a.json, out)
     return 0
 
 

@@ -120,9 +120,9 @@ def head_vs_decoder(model, dev, reps: int = 10, slots: int = 1152) -> dict:
     out = {}
     with torch.inference_mode():
         for name, fn in parts.items():
-            out[f"{name}_eager_ms"] = 1e3 * _time(fn, dev, reps)
+            out[f"{name}_eager_ms"] = 1e3 * time_call(fn, dev, reps)
             if dev.type == "cuda":
-                out[f"{name}_graph_ms"] = 1e3 * _time(_graphed(fn), dev, reps)
+                out[f"{name}_graph_ms"] = 1e3 * time_call(_graphed(fn), dev, reps)
     model.install_caches(None)
     return out
 
@@ -151,8 +151,9 @@ def _graphed(fn):
     return graph.replay
 
 
-def _time(fn, dev, reps: int) -> float:
-    for _ in range(2):
+def time_call(fn, dev, reps: int, warm: int = 2) -> float:
+    """Seconds per call of `fn` on `dev`, after `warm` calls, synchronised at both ends."""
+    for _ in range(warm):
         fn()
     sync(dev)
     t0 = time.perf_counter()

@@ -97,7 +97,7 @@ def _check_memory(cfg, source, vae_path, settings, n_prompts, pixels, dtype, dev
     from ..generation.plan import GenerationPlan
     from ..generation.prompt import grid_size
     from ..model.family import family_of
-    from ..weights.loading import _vae_files
+    from ..weights.vae_files import vae_files
 
     h, w = grid_size(settings.width, settings.height, cfg)
     edit_tokens = max((px.shape[1] // cfg.down_factor) * (px.shape[2] // cfg.down_factor) + 8 for px in pixels) \
@@ -106,7 +106,7 @@ def _check_memory(cfg, source, vae_path, settings, n_prompts, pixels, dtype, dev
     plan = GenerationPlan(settings, family_of(cfg), h, w, branches, DEFAULT_PROMPT_TOKENS + edit_tokens,
                           n_prompts * settings.images_per_prompt)
     keys = {k: v for k, v in source.shapes.items() if not k.startswith("lm_head.")}  # never loaded for images
-    check_job_fits(cfg, plan, weight_bytes(keys, source.dtypes, dtype), _vae_files(vae_path)[0], dtype, device)
+    check_job_fits(cfg, plan, weight_bytes(keys, source.dtypes, dtype), vae_files(vae_path)[0], dtype, device)
 
 
 def _settings(family, edit: bool, given: dict):
@@ -136,8 +136,9 @@ def _generate(args) -> int:
 
     from ..generation import loop as G
     from .images import decode_latents, encode_edit_images
-    from ..weights.loading import load_model, load_vae
-    from .outputs import write_atomic
+    from ..weights.loading import load_model
+    from ..weights.vae_files import load_vae
+    from ..fs import write_atomic
     from .pipeline import GenerationResult
     from ..generation.settings import default_prompts
 

@@ -79,10 +79,10 @@ def _paths(device, fmt: str) -> list[str]:
 def _variants(device, fmt: str) -> list[tuple[dict, list[str]]]:
     """(environment while loading, paths) per model a format is loaded as: on devices without fp8 matmul, fp8 also
     once through `_scaled_mm` forced on (its numbers checked, whatever its speed there)."""
-    from ..weights.quant import fp8_tensor_cores
+    from ..weights.quant_fp8 import tensor_cores
 
     variants = [({}, _paths(device, fmt))]
-    if fmt == "fp8" and not fp8_tensor_cores(device) and device.type != "mps":
+    if fmt == "fp8" and not tensor_cores(device) and device.type != "mps":
         variants.append(({"NEXTSTEP_FP8_MATMUL": "1"}, ["eager"]))
     return variants
 

@@ -8,7 +8,8 @@ import torch
 from ..errors import CheckpointError
 from ..fs import is_file
 from ..weights.identify import AUTO, OVERRIDE_HINT, VAE, kind_of_path
-from ..weights.loading import _vae_files, check_keys, expected_shapes, load_tokenizer, read_model_config, stored_layout
+from ..weights.loading import check_keys, expected_shapes, load_tokenizer, read_model_config, stored_layout
+from ..weights.vae_files import vae_files
 
 
 def size_text(n: int) -> str:
@@ -68,7 +69,7 @@ def _describe_model(path: str, family: str | None) -> str:
 def _describe_vae(path: str) -> str:
     from ..model.vae import AutoEncoder
 
-    cfg, state, src = _vae_files(path)
+    cfg, state, src = vae_files(path)
     with torch.device("meta"):
         expected = expected_shapes(AutoEncoder(cfg))
     if state is not None:

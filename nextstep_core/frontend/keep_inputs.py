@@ -131,8 +131,6 @@ def _read_npz(path: str) -> dict:
     """
     import zipfile
 
-    import numpy as np
-
     if not os.path.isfile(path):
         raise NextStepError(f"--init-latents {path} does not exist.")
     if not zipfile.is_zipfile(path):

@@ -11,7 +11,7 @@ import io
 import os
 
 from ..errors import NextStepError
-from ..fs import check_writable, write_atomic  # noqa: F401  (write_atomic: the front end's one writer)
+from ..fs import check_writable
 
 DEFAULT_IMAGE_EXT = ".png"
 

@@ -23,7 +23,7 @@ can run through `torch.compile` (`compile.py`, `HeadPlan.compiled`), with its co
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 

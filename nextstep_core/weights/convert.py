@@ -37,8 +37,9 @@ from ..fs import check_writable, write_atomic
 from .config import model_config_from_dict, read_json
 from .identify import AUTO, VAE, kind_of_path
 from .loading import (META_CONFIG, META_FORMAT, META_TOKENIZER, META_TOKENIZER_CONFIG, META_VAE_CONFIG,
-                      find_vae_for_model, model_source, _vae_files)
+                      find_vae_for_model, model_source)
 from .quant import QUANT_FORMATS, quantized_tensors, stored_plan
+from .vae_files import vae_files
 from .st_io import FROM_ST, ST_DTYPES, TensorReader, unsupported_dtype
 from .tokenizer import Tokenizer
 
@@ -222,7 +223,7 @@ def plan_conversion(src: str, dst: str, dtype: str = "bf16", keep_lm_head: bool 
 
 
 def _plan_vae(src: str, dst: str, base: str, dtype: str) -> Conversion:
-    cfg, state, source = _vae_files(src)
+    cfg, state, source = vae_files(src)
     target = dtype if dtype in ("bf16", "fp16") else "fp32"  # a VAE is never quantised: it is small
     if state is None:
         _check_not_source(dst, src, source.files)

@@ -6,12 +6,9 @@ layer runs is decided once, when the model is loaded or moved to another device 
 probe per kernel and device that also checks the numbers); a layer whose kernel is missing or fails dequantises
 instead: its codes cast to the compute dtype, one matmul, the per-channel scale applied to the output.
 
-fp8 multiplies on fp8 tensor cores where the GPU has them (CUDA compute capability 8.9 and up: Ada, Hopper and
-later): the activations are quantised per row (scale = amax / 448) and `torch._scaled_mm` multiplies in fp8 with the
-weights' per-row scales, so a layer reads one byte per weight instead of casting all of it to bf16 on every call.
-Elsewhere fp8 weights dequantise, which is slower than bf16 (the loader says so once). `NEXTSTEP_FP8_MATMUL`
-(read at load) overrides the choice: 1 uses `_scaled_mm` wherever it runs (a CPU too: slow there, but the numbers
-can be checked), 0 never.
+fp8 multiplies on fp8 tensor cores where the GPU has them (`quant_fp8`: activations quantised per row, then
+`torch._scaled_mm`); elsewhere fp8 weights dequantise as above, which is slower than bf16 (said once).
+`NEXTSTEP_FP8_MATMUL` (read at load) overrides the choice: 1 uses `_scaled_mm` wherever it runs, 0 never.
 
 Which layers are quantised is decided when a file is written (`stored_format`): int8 takes the decoder's projections
 and the head's residual blocks; int4 and fp8 take the decoder's projections only (int4's error is too large for the
@@ -36,19 +33,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import quant_int4
+from . import quant_fp8, quant_int4
+from .quant_fp8 import FP8_MAX, fp8_linear
 
 log = logging.getLogger("nextstep")
 
 QUANT_FORMATS = ("fp8", "int8", "int4")
 QUANT_SUFFIXES = (".weight_scale", ".weight_zero")
 PACKED_ROWS = 16  # above this many rows the CPU's packed kernels are slower than dequantise + a dense matmul
-_FP8_MAX = 448.0
 _DECODER = r"layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
 _HEAD = r"image_head\.net\.res_blocks\.\d+\.(mlp\.[02]|adaLN_modulation\.1)"
 _KEYS = {"fp8": re.compile(rf"^{_DECODER}\.weight$"), "int8": re.compile(rf"^({_DECODER}|{_HEAD})\.weight$"),
          "int4": re.compile(rf"^{_DECODER}\.weight$")}
-FP8_SCALED_MM_TOLERANCE = 0.05  # activations rounded to e4m3 (3 mantissa bits): about 3 % of the product's norm
 # what torch raises for an op this build, device or GPU generation does not have
 _UNSUPPORTED = (RuntimeError, NotImplementedError, TypeError, AttributeError, ValueError, AssertionError)
 
@@ -111,7 +107,7 @@ def quantize_weight(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, ...]:
     w = w.float()
     amax = w.abs().amax(dim=1).clamp(min=1e-12)
     if fmt == "fp8":
-        scale = amax / _FP8_MAX
+        scale = amax / FP8_MAX
         return (w / scale[:, None]).to(torch.float8_e4m3fn), scale
     if fmt == "int8":
         scale = amax / 127.0
@@ -138,17 +134,6 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, 
     if zero is not None:
         return quant_int4.dequantize(q, scale, zero, dtype)
     return cast_codes(q, dtype).mul_(scale[:, None].to(dtype))
-
-
-def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias) -> torch.Tensor:
-    """x @ w.T in fp8: activations quantised per row (scale = amax / 448), weights per output channel."""
-    x2 = x.reshape(-1, x.shape[-1])
-    a_scale = torch.linalg.vector_norm(x2, float("inf"), dim=1, keepdim=True, dtype=torch.float32)
-    a_scale = a_scale.div_(_FP8_MAX).clamp_(min=1e-12)
-    xq = (x2 / a_scale).to(torch.float8_e4m3fn)
-    b = None if bias is None else bias.to(x.dtype)
-    out = torch._scaled_mm(xq, w.t(), scale_a=a_scale, scale_b=w_scale[None, :].float(), bias=b, out_dtype=x.dtype)
-    return out.reshape(*x.shape[:-1], w.shape[0])
 
 
 # ---- which kernel a layer runs: probed once per (kernel, device, dtype)
@@ -185,15 +170,10 @@ def kernel_works(kernel: str, device: str, dtype: torch.dtype) -> bool:
         log.info("NextStep: %s is unavailable on %s in %s (%s); dequantising instead", kernel, device, dtype,
                  str(e).splitlines()[0] if str(e) else type(e).__name__)
         return False
-    tol = FP8_SCALED_MM_TOLERANCE if kernel == "fp8_scaled_mm" else 0.02
+    tol = quant_fp8.SCALED_MM_TOLERANCE if kernel == "fp8_scaled_mm" else 0.02
     if err > tol:
         log.warning("NextStep: %s on %s gives wrong numbers (rel err %.3g); dequantising instead", kernel, device, err)
     return err <= tol
-
-
-def fp8_tensor_cores(device: torch.device) -> bool:
-    """Whether the device multiplies fp8 natively: CUDA compute capability 8.9 or newer."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def _int4_table_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -209,7 +189,7 @@ def _choose_kernel(fmt: str, device: torch.device, dtype: torch.dtype, shape) ->
         candidate = candidate if candidate and quant_int4.shape_ok(candidate, *shape) else None
     else:
         forced = os.environ.get("NEXTSTEP_FP8_MATMUL", "")
-        native = forced == "1" or (forced != "0" and fp8_tensor_cores(device))
+        native = forced == "1" or (forced != "0" and quant_fp8.tensor_cores(device))
         candidate = "fp8_scaled_mm" if native and shape[0] % 16 == 0 and shape[1] % 16 == 0 else None
     return candidate if candidate and kernel_works(candidate, str(device), dtype) else "dequant"
 
@@ -253,7 +233,7 @@ def make_quant_linear(base: type) -> type:
                 return
             self.kernel = _choose_kernel(self.fmt, self.weight.device, dtype, (self.out_features, self.in_features))
             if self.fmt == "fp8" and self.kernel == "dequant":
-                _warn_fp8_dequantises(self.weight.device, dtype)
+                quant_fp8.warn_dequantises(self.weight.device, dtype)
             self.scale_c = self.weight_scale.to(dtype) if self.fmt != "int4" else None
             if self.kernel.startswith("int4_"):
                 sz = quant_int4.scales_and_zeros(self.weight_scale, self.weight_zero,
@@ -352,28 +332,6 @@ def prepare_quantized(model: nn.Module, dtype: torch.dtype, target=None) -> dict
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_fp8_dequantises(device: torch.device, dtype: torch.dtype) -> None:
-    """Once per device: fp8 weights that dequantise (no fp8 matmul there) run slower than bf16 weights would."""
-    log.warning("NextStep: %s has no fp8 matmul (it needs a CUDA GPU of compute capability 8.9 or newer: Ada, "
-                "Hopper and later): fp8 weights are cast to %s on every call there, which is slower than bf16 "
-                "weights. For less memory at full speed on this device, use an int8 or int4 file.", device, dtype)
-
-
-def dense_head(model: nn.Module, dtype: torch.dtype) -> int:
-    """The head's quantised layers of an fp8 file written when fp8 still took the head, dequantised to `dtype`
-    (the head stays in high precision in fp8 mode); returns how many."""
-    n = 0
-    for m in model.image_head.modules():
-        if getattr(m, "weight_scale", None) is not None and m.weight.dtype == torch.float8_e4m3fn:
-            w = dequantize_weight(m.weight.data, m.weight_scale, dtype)
-            m.weight = nn.Parameter(w, requires_grad=False)
-            m.weight_scale = m.scale_c = None
-            m.kernel, m.fmt = "dense", None
-            n += 1
-    return n
 
 
 def use_reference_kernels(model: nn.Module) -> None:

@@ -10,13 +10,13 @@ import pytest
 @pytest.fixture
 def no_loading(monkeypatch):
     """Fails the test if a model or VAE starts loading: bad input must be refused before that."""
-    from nextstep_core.weights import loading
+    from nextstep_core.weights import loading, vae_files
 
     def refuse(*a, **k):
         raise AssertionError("weights were read before the input was checked")
 
     monkeypatch.setattr(loading, "load_model", refuse)
-    monkeypatch.setattr(loading, "load_vae", refuse)
+    monkeypatch.setattr(vae_files, "load_vae", refuse)
 
 
 class _FullDisk:

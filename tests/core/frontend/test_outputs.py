@@ -4,7 +4,8 @@ import os
 import pytest
 
 from nextstep_core.errors import NextStepError
-from nextstep_core.frontend.outputs import image_outputs, latents_output, write_atomic
+from nextstep_core.fs import write_atomic
+from nextstep_core.frontend.outputs import image_outputs, latents_output
 
 
 def test_an_interrupted_write_leaves_the_old_file_and_no_partial_one(tmp_path):

@@ -135,9 +135,9 @@ def test_the_command_line_refuses_a_huge_batch_before_loading(tiny_dir, tmp_path
 
 
 def test_the_vae_decode_is_counted_per_pixel_and_image(tiny_dir):
-    from nextstep_core.weights.loading import _vae_files
+    from nextstep_core.weights.vae_files import vae_files
 
-    cfg = _vae_files(tiny_dir + "/vae")[0]
+    cfg = vae_files(tiny_dir + "/vae")[0]
     one = memory.decode_bytes(cfg, 1, 256, 256)
     assert memory.decode_bytes(cfg, 64, 256, 256) == 64 * one
     assert memory.decode_bytes(cfg, 1, 512, 512) == 4 * one

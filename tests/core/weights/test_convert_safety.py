@@ -2,7 +2,6 @@
 that is removed on every failure, and concurrent conversions that leave one whole file."""
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil

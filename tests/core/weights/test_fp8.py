@@ -7,16 +7,17 @@ import torch
 
 import nextstep_core as ns
 from nextstep_core.weights import quant as Q
+from nextstep_core.weights import quant_fp8
 from nextstep_core.weights.convert import convert
 
 
 @pytest.fixture(autouse=True)
 def fresh_probe():
     Q.kernel_works.cache_clear()
-    Q._warn_fp8_dequantises.cache_clear()
+    quant_fp8.warn_dequantises.cache_clear()
     yield
     Q.kernel_works.cache_clear()
-    Q._warn_fp8_dequantises.cache_clear()
+    quant_fp8.warn_dequantises.cache_clear()
 
 
 def scaled_mm_runs_here() -> bool:
@@ -56,16 +57,16 @@ def test_an_older_fp8_file_with_a_quantised_head_loads_with_the_head_dequantised
 
 
 def test_fp8_picks_the_tensor_core_matmul_only_where_the_device_has_one(monkeypatch):
-    assert not Q.fp8_tensor_cores(torch.device("cpu"))
+    assert not quant_fp8.tensor_cores(torch.device("cpu"))
     assert Q._choose_kernel("fp8", torch.device("cpu"), torch.bfloat16, (64, 128)) == "dequant"
     monkeypatch.setenv("NEXTSTEP_FP8_MATMUL", "0")
-    monkeypatch.setattr(Q, "fp8_tensor_cores", lambda device: True)  # an Ada / Hopper GPU, switched off by hand
+    monkeypatch.setattr(quant_fp8, "tensor_cores", lambda device: True)  # an Ada / Hopper GPU, switched off by hand
     assert Q._choose_kernel("fp8", torch.device("cpu"), torch.bfloat16, (64, 128)) == "dequant"
 
 
 @needs_scaled_mm
 def test_the_scaled_mm_path_matches_the_dequantised_reference_within_its_bound(tiny_dir, monkeypatch):
-    """Activations rounded to e4m3 per row: each product within FP8_SCALED_MM_TOLERANCE of the dequantised one, and a
+    """Activations rounded to e4m3 per row: each product within SCALED_MM_TOLERANCE of the dequantised one, and a
     whole generation close to the dequantising model's (on the CPU, where `_scaled_mm` also runs)."""
     torch.manual_seed(0)
     for n_out, n_in in ((48, 128), (64, 256)):
@@ -73,7 +74,7 @@ def test_the_scaled_mm_path_matches_the_dequantised_reference_within_its_bound(t
         q, s = Q.quantize_weight(w, "fp8")
         fast = Q.fp8_linear(x, q, s, None).float()
         ref = torch.nn.functional.linear(x.float(), Q.dequantize_weight(q, s, torch.float32))
-        assert float((fast - ref).norm() / ref.norm()) < Q.FP8_SCALED_MM_TOLERANCE
+        assert float((fast - ref).norm() / ref.norm()) < quant_fp8.SCALED_MM_TOLERANCE
     monkeypatch.setenv("NEXTSTEP_FP8_MATMUL", "1")
     m = ns.load_model(tiny_dir, dtype="bfloat16", quantize="fp8")
     assert {x.kernel for x in m.modules() if getattr(x, "fmt", None) == "fp8"} == {"fp8_scaled_mm"}
