@@ -42,7 +42,8 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import dump_json, env_info, proc_status, rel_err, table, weight_bytes  # noqa: E402
-from gpu_checks import fp32_graph_vs_eager, head_vs_decoder, recapture, sdpa_info, sync, time_call  # noqa: E402
+from gpu_checks import (fp32_graph_vs_eager, head_vs_decoder, kernel_bench, recapture, sdpa_info,  # noqa: E402
+                        sync)
 
 T_START = time.perf_counter()
 QWEN_VOCAB = 152064
@@ -157,7 +158,7 @@ def mem_report(dev) -> dict:
 
 
 def timed_sample(model, dev, fast: str, n_img: int, max_tokens: int, cap_s: float, warm: int = 2, width=512,
-                 height=512, steps=50, seed=42):
+                 height=512, steps=50, seed=42, compile="auto"):
     """Generate until `warm + max_tokens` tokens or `cap_s` seconds of steady decoding; returns timings + tokens."""
     import torch
 
@@ -195,7 +196,7 @@ def timed_sample(model, dev, fast: str, n_img: int, max_tokens: int, cap_s: floa
     finished = True
     try:
         settings = ns.SamplerSettings(width=width, height=height, images_per_prompt=n_img, cfg=7.5, steps=steps,
-                                      seed=seed, noise="independent", fast=fast)
+                                      seed=seed, noise="independent", fast=fast, compile=compile)
         res = ns.sample(model, cond, settings, progress=progress, should_cancel=lambda: st["stop"])
         sync(dev)
         if st["tokens"] is None:
@@ -205,7 +206,7 @@ def timed_sample(model, dev, fast: str, n_img: int, max_tokens: int, cap_s: floa
         finished, res = False, None
         kept = getattr(model, "step_cache", None)  # stopped early: the kept step says which path ran
         path = kept.step.path if kept is not None and fast != "eager" else "eager"
-    if fast == "graph" and path != "graph":
+    if fast == "graph" and not path.startswith("graph"):
         why = res.fallback if finished else getattr(getattr(model, "step_cache", None), "step", None)
         raise RuntimeError(f"the CUDA graph did not run (ran {path!r}): {getattr(why, 'fallback', why)}")
     t_wall = time.perf_counter() - st["t0"]
@@ -218,56 +219,6 @@ def timed_sample(model, dev, fast: str, n_img: int, max_tokens: int, cap_s: floa
             "first_token_s": ttft, "s_per_pass": ttft + (total - 1) * per_tok,
             "s_per_image": (ttft + (total - 1) * per_tok) / n_img, "wall_s": t_wall,
             "peak_mem_bytes": peak_mem(dev), **mem_report(dev), "path": path, "_tokens": st["tokens"]}
-
-
-def quant_layer(w, fmt: str, dtype):
-    """A QuantLinear holding `w` quantised as `fmt`, prepared (kernel chosen, packed) for w's device."""
-    from torch import nn
-
-    from nextstep_core.weights.quant import make_quant_linear, quantized_tensors
-
-    layer = make_quant_linear(nn.Linear)(w.shape[1], w.shape[0], bias=False, device="meta")
-    for k, t in quantized_tensors("layers.0.mlp.up_proj.weight", w, fmt):
-        attr = k.rsplit(".", 1)[-1]
-        setattr(layer, attr, nn.Parameter(t, requires_grad=False) if attr == "weight" else t)
-    layer.prepare(dtype)
-    return layer.requires_grad_(False)
-
-
-SHAPES = {"head_1536x1536": (1536, 1536), "decoder_5120_to_13824": (13824, 5120),
-          "decoder_13824_to_5120": (5120, 13824)}  # [out, in] of the real model's linears
-
-
-def kernel_bench(dev, dtype, reps: int = 50):
-    """One linear of each real shape at 2 rows (a decode step with guidance): bf16, and the engine's int8, int4 and
-    fp8 layers as `prepare` picks their kernels here (fp8 also with the tensor-core path forced on)."""
-    import torch
-    import torch.nn.functional as F
-
-    out = {}
-
-    def t(f):
-        return time_call(f, dev, reps, warm=3)
-
-    for shape_name, (n_out, n_in) in SHAPES.items():
-        w = torch.randn(n_out, n_in, device=dev, dtype=dtype) / n_in**0.5
-        x = torch.randn(2, n_in, device=dev, dtype=dtype)
-        row = {"bf16_us": 1e6 * t(lambda: F.linear(x, w))}
-        row["bf16_GBps"] = w.numel() * 2 / row["bf16_us"] / 1e3
-        for fmt in ("int8", "int4", "fp8"):
-            for native in ((False, True) if fmt == "fp8" else (False,)):
-                name = fmt + ("_scaled_mm" if native else "")
-                try:
-                    os.environ["NEXTSTEP_FP8_MATMUL"] = "1" if native else "0"
-                    layer = quant_layer(w, fmt, dtype)
-                    row[name + "_kernel"] = layer.kernel
-                    row[name + "_us"] = 1e6 * t(lambda: layer(x))
-                except Exception as e:  # noqa: BLE001 - a kernel this device lacks is a finding
-                    row[name + "_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                finally:
-                    os.environ.pop("NEXTSTEP_FP8_MATMUL", None)
-        out[shape_name] = row
-    return out
 
 
 def main(argv=None) -> int:
@@ -346,7 +297,9 @@ def main(argv=None) -> int:
     w, h = a.width, a.height
     # the time one phase needs: first token (prefill, capture) + cap + slack
     need = cap + (20 if cuda else 10)
-    sample_1 = lambda fast, n=1: timed_sample(model, dev, fast, n, 10**9, cap, width=w, height=h)  # noqa: E731
+    def sample_1(fast, n=1, compile="auto"):  # compile auto: on CUDA where Triton works (the default path)
+        return timed_sample(model, dev, fast, n, 10**9, cap, width=w, height=h, compile=compile)
+
     graph = phase(f"bf16_{graph_mode}_1img", lambda: sample_1(graph_mode), need)
     if isinstance(graph, dict) and "error" in graph and graph_mode == "graph":
         # no graph: keep measuring the fixed-shape step without it, so the other phases still report
@@ -370,8 +323,14 @@ def main(argv=None) -> int:
         if isinstance(q, dict) and "error" not in q:
             phase(f"{fmt}_{graph_mode}_1img", lambda: sample_1(graph_mode), need)
     phase("restore_bf16", quantize_phase(None), 20 if cuda else 5)
-    originals = None
+    phase(f"bf16_{graph_mode}_uncompiled_1img", lambda: sample_1(graph_mode, compile="off"), need)
     phase(f"bf16_{graph_mode}_4img", lambda: sample_1(graph_mode, 4), need)
+    for fmt in ("int4", "fp8"):  # the fallback where Triton is missing, if the budget still allows
+        q = phase(f"quantize_{fmt}_again", quantize_phase(fmt), 30 if cuda else 5)
+        if isinstance(q, dict) and "error" not in q:
+            phase(f"{fmt}_{graph_mode}_uncompiled_1img", lambda: sample_1(graph_mode, compile="off"), need)
+    phase("restore_bf16_again", quantize_phase(None), 20 if cuda else 5)
+    originals = None
     eager = phase("bf16_eager_1img", lambda: timed_sample(model, dev, "eager", 1, eager_tokens, cap, width=w,
                                                           height=h), need)
 
@@ -413,6 +372,7 @@ def main(argv=None) -> int:
     R["summary"] = {
         "bf16_eager_s_per_image": e1, "bf16_graph_s_per_image": g1, "fp8_graph_s_per_image": f1,
         "int4_graph_s_per_image": i1,
+        "uncompiled_s_per_image": {f: g(f"{f}_{graph_mode}_uncompiled_1img") for f in ("bf16", "int4", "fp8")},
         "four_images_s_per_pass": pass4, "four_images_s_per_image": g4,
         "graph_speedup_vs_eager": (e1 / g1) if e1 and g1 else None,
         "four_over_one_time": (pass4 / pass1) if pass4 and pass1 else None,

@@ -1,8 +1,10 @@
 """Checks of the GPU benchmark (bench_gpu.py) beside its per-image timings: which attention kernel the decode step
 gets, whether the captured step computes what the eager loop computes over a whole image in float32, how one
-token's time splits between the head and the decoder, and what capturing a new shape costs."""
+token's time splits between the head and the decoder, what capturing a new shape costs, and one linear of each real
+shape in every weight format."""
 from __future__ import annotations
 
+import os
 import time
 
 from common import rel_err
@@ -108,7 +110,6 @@ def head_vs_decoder(model, dev, reps: int = 10, slots: int = 1152) -> dict:
     s = ns.family_defaults(cfg.family).replace(steps=50, cfg=7.5).with_family(cfg.family)
     plan = GenerationPlan(s, family_of(cfg), 32, 32, 2, 64, 1)
     spec = plan.token_spec(model, 0)
-    spec = type(spec)(spec.head.for_graph_capture(), spec.branches, spec.use_norm)
     x = TokenInputs(torch.randn(2, cfg.hidden_size, device=dev, dtype=model.dtype),
                     torch.randn(plan.draws, 1, cfg.token_dim, device=dev), 7.5, 1.0, None)
     model.setup_caches(2, slots)
@@ -161,3 +162,53 @@ def time_call(fn, dev, reps: int, warm: int = 2) -> float:
         fn()
     sync(dev)
     return (time.perf_counter() - t0) / reps
+
+
+def quant_layer(w, fmt: str, dtype):
+    """A QuantLinear holding `w` quantised as `fmt`, prepared (kernel chosen, packed) for w's device."""
+    from torch import nn
+
+    from nextstep_core.weights.quant import make_quant_linear, quantized_tensors
+
+    layer = make_quant_linear(nn.Linear)(w.shape[1], w.shape[0], bias=False, device="meta")
+    for k, t in quantized_tensors("layers.0.mlp.up_proj.weight", w, fmt):
+        attr = k.rsplit(".", 1)[-1]
+        setattr(layer, attr, nn.Parameter(t, requires_grad=False) if attr == "weight" else t)
+    layer.prepare(dtype)
+    return layer.requires_grad_(False)
+
+
+SHAPES = {"head_1536x1536": (1536, 1536), "decoder_5120_to_13824": (13824, 5120),
+          "decoder_13824_to_5120": (5120, 13824)}  # [out, in] of the real model's linears
+
+
+def kernel_bench(dev, dtype, reps: int = 50):
+    """One linear of each real shape at 2 rows (a decode step with guidance): bf16, and the engine's int8, int4 and
+    fp8 layers as `prepare` picks their kernels here (fp8 also with the tensor-core path forced on)."""
+    import torch
+    import torch.nn.functional as F
+
+    out = {}
+
+    def t(f):
+        return time_call(f, dev, reps, warm=3)
+
+    for shape_name, (n_out, n_in) in SHAPES.items():
+        w = torch.randn(n_out, n_in, device=dev, dtype=dtype) / n_in**0.5
+        x = torch.randn(2, n_in, device=dev, dtype=dtype)
+        row = {"bf16_us": 1e6 * t(lambda: F.linear(x, w))}
+        row["bf16_GBps"] = w.numel() * 2 / row["bf16_us"] / 1e3
+        for fmt in ("int8", "int4", "fp8"):
+            for native in ((False, True) if fmt == "fp8" else (False,)):
+                name = fmt + ("_scaled_mm" if native else "")
+                try:
+                    os.environ["NEXTSTEP_FP8_MATMUL"] = "1" if native else "0"
+                    layer = quant_layer(w, fmt, dtype)
+                    row[name + "_kernel"] = layer.kernel
+                    row[name + "_us"] = 1e6 * t(lambda: layer(x))
+                except Exception as e:  # noqa: BLE001 - a kernel this device lacks is a finding
+                    row[name + "_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                finally:
+                    os.environ.pop("NEXTSTEP_FP8_MATMUL", None)
+        out[shape_name] = row
+    return out
