@@ -133,7 +133,7 @@ class FixedStep:
         self.checked: set[tuple] = set()  # (step count, graph or not) whose first token was checked
         self.pool = None  # the memory pool all of this step's graphs share
         self.plan, self.key = plan, step_key(model, plan, capture)
-        self.staged = None  # the host copy of the current noise chunk and its guidance (alive until copied)
+        self.staged = None  # the host copies of the current chunk's noise, guidance and inits (alive until copied)
         self.fallback: str | None = None
 
     @property
@@ -162,12 +162,10 @@ class FixedStep:
         spec = self._spec(k)
         feed = k + 1 < self.plan.total
         if self.fallback is None:
-            saved = self._state()
             try:
-                self._fixed(k, spec, forced, feed)
+                self._fixed(k, spec, forced, feed)  # on Fallback it has left the state where token k starts
                 return self.token
             except Fallback as e:
-                self._restore(saved)
                 self._fall_back(str(e))
         return self._plain_token(k, spec, forced, feed)
 
@@ -237,18 +235,24 @@ class FixedStep:
         replay = forced is None and self.capture
         fixed = self._graph(steps, spec).replay if replay else lambda: self._static_token(spec, forced, feed)
         if (steps, replay) in self.checked:
+            # nothing is saved per token: a replay fails before it runs, and the static step writes its results
+            # and counters last, after everything that can raise
             _guarded(fixed, self.path)
             return
         saved = self._state()
         self._plain_token(k, spec, forced, feed)
         want = self.token.clone(), self.c.clone()
         self._restore(saved)
-        _guarded(fixed, self.path)
-        err = max(_rel_err(self.token, want[0]), _rel_err(self.c, want[1]) if feed else 0.0)
-        tol = TOLERANCE.get(self.model.dtype, 0.1)
-        if not err <= tol:
-            raise Fallback(f"its first token differs from the plain step's by {err:.3g} (tolerance {tol:g} in "
-                           f"{self.model.dtype})")
+        try:
+            _guarded(fixed, self.path)
+            err = max(_rel_err(self.token, want[0]), _rel_err(self.c, want[1]) if feed else 0.0)
+            tol = TOLERANCE.get(self.model.dtype, 0.1)
+            if not err <= tol:
+                raise Fallback(f"its first token differs from the plain step's by {err:.3g} (tolerance {tol:g} in "
+                               f"{self.model.dtype})")
+        except Fallback:
+            self._restore(saved)
+            raise
         self.checked.add((steps, replay))
 
     def _fall_back(self, why: str) -> None:
