@@ -40,3 +40,16 @@ def test_the_engine_never_imports_comfyui():
                 assert not {a.name.split(".")[0] for a in node.names} & names, path
             elif isinstance(node, ast.ImportFrom) and not node.level:
                 assert node.module.split(".")[0] not in names, path
+
+
+def test_pip_install_ships_every_subpackage():
+    """`pip install .` (setuptools' package discovery in pyproject.toml) includes every folder of the engine."""
+    import fnmatch
+
+    tomllib = __import__("pytest").importorskip("tomllib")  # Python 3.11+
+    config = tomllib.loads((ROOT.parent / "pyproject.toml").read_text())
+    include = config["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {".".join(p.relative_to(ROOT.parent).parts[:-1]) for p in ROOT.rglob("__init__.py")}
+    assert packages >= {"nextstep_core", "nextstep_core.model", "nextstep_core.generation", "nextstep_core.weights",
+                        "nextstep_core.frontend"}
+    assert all(any(fnmatch.fnmatch(p, pattern) for pattern in include) for p in packages)
