@@ -57,11 +57,17 @@ class NextStepManaged(torch.nn.Module):
 def make_patcher(module: torch.nn.Module):
     """Registers the module with ComfyUI's memory manager, so "Unload models" frees it and other models get room.
 
-    CoreModelPatcher (dynamic VRAM) where the ComfyUI has it, the classic ModelPatcher everywhere else.
+    CoreModelPatcher (dynamic VRAM) where the ComfyUI has it, the classic ModelPatcher everywhere else. The size
+    ComfyUI plans VRAM with leaves out what the model keeps on the host (its token-embedding table, 1.56 GB at the
+    real size): both patchers use a `size` set before their first load instead of counting the module.
     """
     patcher_cls = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
-    return patcher_cls(NextStepManaged(module), load_device=mm.get_torch_device(),
-                       offload_device=mm.unet_offload_device())
+    patcher = patcher_cls(NextStepManaged(module), load_device=mm.get_torch_device(),
+                          offload_device=mm.unet_offload_device())
+    host = sum(mm.module_size(getattr(module, name)) for name in getattr(module, "HOST_MODULES", ()))
+    if host:
+        patcher.size = max(1, mm.module_size(module) - host)
+    return patcher
 
 
 _LAYERS = ("Linear", "Embedding", "LayerNorm", "Conv2d", "GroupNorm")

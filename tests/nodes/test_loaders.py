@@ -135,3 +135,10 @@ def test_a_quantised_model_comfyui_could_only_load_in_part_is_refused_with_the_s
         glue.load_to_device(model)
     plain = loader.load("NextStep-1.1", "fp32", "sdpa", False)[0]
     glue.load_to_device(plain)  # a bf16 / fp32 model streams through ComfyUI's cast layers as any model does
+
+
+def test_comfyui_plans_vram_without_the_table_that_stays_on_the_host(pack):
+    glue = pack[0].nodes.comfy_glue
+    model = node(pack, "NextStepModelLoader").load("NextStep-1.1", "fp32", "sdpa", False)[0]
+    table = glue.mm.module_size(model.module.embed_tokens)
+    assert table > 0 and model.patcher.size == glue.mm.module_size(model.module) - table
