@@ -23,11 +23,13 @@ KNOWN_MODELS = {
     "NextStep-1.1": ("stepfun-ai/NextStep-1.1", None),
     "NextStep-1-Large": ("stepfun-ai/NextStep-1-Large", None),
     "NextStep-1-Large-Edit": ("stepfun-ai/NextStep-1-Large-Edit", None),
+    "NextStep-1.1-W4A16-AutoRound": ("INCModel/NextStep-1.1-W4A16-AutoRound", None),  # 4-bit, about 10 GB
 }
 KNOWN_VAES = {
     "NextStep-1.1/vae": ("stepfun-ai/NextStep-1.1", "vae"),
     "NextStep-1-Large/vae": ("stepfun-ai/NextStep-1-Large", "vae"),
     "NextStep-1-Large-Edit/vae": ("stepfun-ai/NextStep-1-Large-Edit", "vae"),
+    "NextStep-1.1-W4A16-AutoRound/vae": ("INCModel/NextStep-1.1-W4A16-AutoRound", "vae"),
     "NextStep-1-f8ch16-Tokenizer": ("stepfun-ai/NextStep-1-f8ch16-Tokenizer", None),
 }
 _MAX_DEPTH = 3  # nextstep/<org>/<model>/vae is the deepest layout worth finding

@@ -39,10 +39,11 @@ class NextStepModelLoader:
             "model_name": (files.model_choices(), {"tooltip": "Model folder under models/nextstep (with config.json),"
                                                               " or a single .safetensors in models/diffusion_models."}),
             "weight_dtype": (list(WEIGHT_DTYPES), {"default": "auto", "tooltip": "Weight precision. auto: bf16 where "
-                             "the device supports it, else fp32 (files made by convert --dtype fp8/int8/int4 stay so). "
-                             "fp8 / int8 quantise the decoder and head weights while loading: about half the memory "
-                             "of bf16; int4 quantises the decoder only: about 0.3x. fp16 may overflow on this model "
-                             "family."}),
+                             "the device computes bf16 natively (CUDA from Ampere, Apple GPUs that do, CPUs with "
+                             "AVX512-BF16 / AMX), else fp32; quantised files (convert, AutoRound) stay quantised. fp8 "
+                             "/ int8 quantise while loading: about half the memory of bf16 (fp8 the decoder, on "
+                             "Ada / Hopper tensor cores; int8 the head's blocks too); int4 the decoder: about 0.3x. "
+                             "fp16 may overflow on this model family."}),
             "attention": (list(ATTENTION), {"default": "sdpa", "tooltip": "Attention kernel. sdpa is PyTorch's "
                           "built-in; flash-attn needs the flash_attn package and a CUDA GPU."}),
             "download": ("BOOLEAN", {"default": False, "tooltip": _DOWNLOAD_TIP}),

@@ -279,7 +279,8 @@ def _family_argument(parser) -> None:
 
     parser.add_argument("--family", choices=FAMILY_CHOICES, default=AUTO,
                         help="model family; auto: our nextstep_family key, else the published name (download record, "
-                             "folder name, _name_or_path), else weak config evidence, else nextstep-1")
+                             "folder name, _name_or_path), else config evidence (model_type stepx_llama, 1.1-era "
+                             "training keys), else nextstep-1")
 
 
 class Terminated(KeyboardInterrupt):
