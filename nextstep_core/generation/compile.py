@@ -75,7 +75,7 @@ def _probe(device_type: str) -> str | None:
         if not torch.allclose(fn(a, a), torch.nn.functional.silu(a) * a + 1):
             return "a probe compilation gave wrong numbers"
     except Exception as e:  # dynamo, inductor and compiler errors have no common base besides Exception
-        return f"a probe compilation failed ({_first_line(e)})"
+        return f"a probe compilation failed ({first_line(e)})"
     return None
 
 
@@ -103,7 +103,8 @@ def prepare(model) -> None:
         log.info("NextStep: %d layer(s) unpacked from oneDNN's layout so that torch.compile can trace them", n)
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
 
@@ -136,7 +137,7 @@ def _call(name: str, fn, *args):
                 _compiled[name] = torch.compile(fn, fullgraph=True, dynamic=False)
             return _compiled[name](*args)
         except Exception as e:  # dynamo / inductor / compiler errors have no common base besides Exception
-            _broken.append(f"compilation failed ({_first_line(e)})")
+            _broken.append(f"compilation failed ({first_line(e)})")
             warn_once("broken", f"NextStep: {_broken[0]}; the per-token step runs uncompiled from now on (the same "
                                 "tokens; on CUDA still as a CUDA graph).")
     return fn(*args)

@@ -223,7 +223,7 @@ class FixedStep:
         try:
             graph, self.pool = _capture(lambda: self._static_token(spec), lambda: self._restore(saved), self.pool)
         except Exception as e:  # a driver, kernel or op that cannot run or be captured here
-            raise Fallback(f"CUDA graph capture failed ({_first_line(e)})") from None
+            raise Fallback(f"CUDA graph capture failed ({compiling.first_line(e)})") from None
         finally:
             self._restore(saved)
         self.graphs[steps] = graph
@@ -304,17 +304,12 @@ def _guarded(fn, path: str) -> None:
     try:
         fn()
     except Exception as e:  # whatever a kernel or a graph replay raises here
-        raise Fallback(f"the {path} step raised {_first_line(e)}") from None
+        raise Fallback(f"the {path} step raised {compiling.first_line(e)}") from None
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.float(), b.float()
     return float((a - b).norm() / b.norm().clamp(min=1e-12))
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
 
 
 def fixed_step(model, plan, capture: bool) -> FixedStep | None:
